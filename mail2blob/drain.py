@@ -1,0 +1,477 @@
+"""The drain loop: every message of the source's folders stored exactly once in the destination.
+
+Order of events for each batch, which is what makes a crash anywhere safe:
+
+1. fetch the batch (``BODY.PEEK[]``: nothing is marked);
+2. upload each message with a conditional PUT (content-addressed name, ``overwrite=False``);
+3. the post-action (seen / move / delete) on the messages that are now stored, and only on those;
+4. the checkpoint moves past the batch (failed messages are recorded and retried next run).
+
+A crash before 4 makes the next run fetch the batch again; its uploads answer "already present",
+and the post-action is repeated (all of them are idempotent). While batch *n* uploads, batch *n+1*
+is being fetched, so the IMAP connection stays busy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from .blob_destination import (
+    BlobDestination,
+    Outcome,
+    StoredBlob,
+    ascii_safe,
+    blob_name,
+    message_metadata,
+    sha256_hex,
+)
+from .checkpoint import CheckpointStore, FolderState, MailboxLease, MailboxState
+from .errors import DestinationError, Mail2BlobError, SourceError, SourceThrottledError
+from .imap_source import ImapSource, Message, SessionLostError
+from .settings import PostAction, Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DrainOptions:
+    folders: tuple[str, ...] = ("INBOX",)
+    after: PostAction = field(default_factory=lambda: PostAction("keep"))
+    time_budget_s: float = 1200.0
+    batch_messages: int = 200
+    batch_bytes: int = 16 * 1024 * 1024
+    #: Messages above this are fetched in pieces into a spool file, never held whole.
+    large_message_bytes: int = 8 * 1024 * 1024
+    chunk_bytes: int = 4 * 1024 * 1024
+    upload_concurrency: int = 8
+    imap_attempts: int = 4
+    max_backoff_s: float = 60.0
+
+
+@dataclass
+class FailedMessage:
+    folder: str
+    uid: int
+    reason: str
+
+
+@dataclass
+class FolderResult:
+    stored: int = 0
+    already_present: int = 0
+    failed: int = 0
+    backlog: int = 0
+    uidvalidity: int = 0
+    last_uid: int = 0
+
+
+@dataclass
+class DrainResult:
+    mailbox: str
+    started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    stored: int = 0
+    already_present: int = 0
+    failed: list[FailedMessage] = field(default_factory=list)
+    bytes: int = 0
+    seconds: float = 0.0
+    backlog: int = 0
+    complete: bool = False
+    error: str | None = None
+    error_kind: str | None = None
+    folders: dict[str, FolderResult] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ok"] = self.ok
+        data["seconds"] = round(self.seconds, 3)
+        return data
+
+    def summary(self) -> str:
+        state = "complete" if self.complete else f"partial, backlog {self.backlog}"
+        text = (
+            f"{self.mailbox}: stored {self.stored}, already present {self.already_present}, "
+            f"failed {len(self.failed)}, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
+            f"({state})"
+        )
+        return text + (f"; error: {self.error}" if self.error else "")
+
+
+@dataclass
+class _Fetched:
+    message: Message
+    data: bytes | IO[bytes]
+    sha256: str
+
+
+@dataclass
+class _Batch:
+    folder: str
+    uids: list[int]
+    items: list[_Fetched]
+    uploads: list[Future[StoredBlob]]
+
+
+Progress = Callable[[DrainResult], None]
+
+
+class Drain:
+    """One drain run of one mailbox. The clients come in as parameters (function, CLI, tests)."""
+
+    def __init__(
+        self,
+        *,
+        mailbox: str,
+        source: ImapSource,
+        destination: BlobDestination,
+        checkpoint: CheckpointStore,
+        lease: MailboxLease | None,
+        options: DrainOptions,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        progress: Progress | None = None,
+    ) -> None:
+        self.mailbox = mailbox
+        self.source = source
+        self.destination = destination
+        self.checkpoint = checkpoint
+        self.lease = lease
+        self.options = options
+        self._clock = clock
+        self._sleep = sleep
+        self._progress = progress
+        self._deadline = 0.0
+        self._expected_uidvalidity = 0
+        self.result = DrainResult(mailbox)
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def run(self) -> DrainResult:
+        """Drain every folder within the time budget. Never raises for a failure of the run
+        itself: the result says what happened (``error``); settings/consent errors come earlier."""
+        start = self._clock()
+        self._deadline = start + self.options.time_budget_s
+        state: MailboxState | None = None
+        try:
+            # Token and login first: when consent is needed, nothing anywhere changes.
+            self.source.connect()
+            self.destination.ensure_container()
+            if self.lease:
+                self.lease.acquire()
+            state = self.checkpoint.load()
+            if self.options.after.kind == "move":
+                self.source.ensure_folder(self.options.after.folder or "")
+            with ThreadPoolExecutor(self.options.upload_concurrency, "upload") as pool:
+                for index, folder in enumerate(self.options.folders):
+                    if self._out_of_time():
+                        self._count_backlog(self.options.folders[index:], state)
+                        break
+                    self._drain_folder(folder, state, pool)
+                else:
+                    self.result.complete = self.result.backlog == 0
+        except Mail2BlobError as exc:
+            self.result.error = str(exc)
+            self.result.error_kind = type(exc).__name__
+            logger.error("drain of %s stopped: %s", self.mailbox, exc)
+        finally:
+            self.result.seconds = self._clock() - start
+            if state is not None:
+                self._save_last_run(state)
+            self.source.close()
+            if self.lease:
+                self.lease.release()
+        return self.result
+
+    def _drain_folder(self, folder: str, state: MailboxState, pool: ThreadPoolExecutor) -> None:
+        info = self._imap(folder, lambda: self.source.select(folder), select=False)
+        fstate = state.folder(folder)
+        fresult = self.result.folders.setdefault(folder, FolderResult())
+        if fstate.uidvalidity != info.uidvalidity:
+            if fstate.uidvalidity:
+                logger.warning(
+                    "%s/%s: UIDVALIDITY changed %s -> %s; re-reading the folder (messages "
+                    "already stored are recognised by content and not stored again)",
+                    self.mailbox,
+                    folder,
+                    fstate.uidvalidity,
+                    info.uidvalidity,
+                )
+            state.folders[folder] = fstate = FolderState(uidvalidity=info.uidvalidity)
+        self._expected_uidvalidity = info.uidvalidity
+        fresult.uidvalidity = info.uidvalidity
+
+        new = self._imap(folder, lambda: self.source.uids_after(fstate.last_uid))
+        retry = self._imap(folder, lambda: self.source.existing(int(u) for u in fstate.failed))
+        for gone in set(fstate.failed) - {str(u) for u in retry}:
+            logger.info("%s/%s: failed message uid %s no longer exists", self.mailbox, folder, gone)
+            del fstate.failed[gone]
+        todo = sorted(set(new) | set(retry))
+        sizes = self._imap(folder, lambda: self.source.sizes(todo)) if todo else {}
+        logger.info("%s/%s: %d messages to drain", self.mailbox, folder, len(todo))
+
+        pending: _Batch | None = None
+        remaining = list(todo)
+        for uids in self._plan(todo, sizes):
+            if self._out_of_time():
+                break
+            if self.lease:
+                self.lease.check()
+            self.source.ensure_fresh()
+            batch = self._fetch_and_upload(folder, uids, sizes, pool)
+            if pending:
+                self._finish(pending, state)
+            pending = batch
+            remaining = remaining[len(uids) :]
+        if pending:
+            self._finish(pending, state)
+        fresult.backlog = len(remaining)
+        fresult.last_uid = fstate.last_uid
+        self.result.backlog += len(remaining)
+
+    def _plan(self, uids: list[int], sizes: dict[int, int]) -> Iterator[list[int]]:
+        """Batches bounded in count and bytes; a large message is a batch of its own."""
+        batch: list[int] = []
+        batch_bytes = 0
+        for uid in uids:
+            size = sizes.get(uid, 0)
+            if size > self.options.large_message_bytes:
+                if batch:
+                    yield batch
+                    batch, batch_bytes = [], 0
+                yield [uid]
+                continue
+            if batch and (
+                len(batch) >= self.options.batch_messages
+                or batch_bytes + size > self.options.batch_bytes
+            ):
+                yield batch
+                batch, batch_bytes = [], 0
+            batch.append(uid)
+            batch_bytes += size
+        if batch:
+            yield batch
+
+    def _fetch_and_upload(
+        self, folder: str, uids: list[int], sizes: dict[int, int], pool: ThreadPoolExecutor
+    ) -> _Batch:
+        if len(uids) == 1 and sizes.get(uids[0], 0) > self.options.large_message_bytes:
+            items = self._fetch_large(folder, uids[0])
+        else:
+            messages = self._imap(folder, lambda: self.source.fetch(uids))
+            items = [_Fetched(m, m.body, sha256_hex(m.body)) for m in messages]
+        uploads = [pool.submit(self._store, folder, item) for item in items]
+        return _Batch(folder, uids, items, uploads)
+
+    def _fetch_large(self, folder: str, uid: int) -> list[_Fetched]:
+        spool = tempfile.SpooledTemporaryFile(max_size=self.options.chunk_bytes)  # noqa: SIM115
+        hashing = _HashingWriter(spool)
+
+        def fetch() -> Message | None:
+            spool.seek(0)
+            spool.truncate()
+            hashing.reset()
+            return self.source.fetch_into(uid, hashing, chunk_size=self.options.chunk_bytes)
+
+        message = self._imap(folder, fetch)
+        if message is None:
+            spool.close()
+            return []
+        spool.seek(0)
+        return [_Fetched(message, spool, hashing.hexdigest())]
+
+    def _store(self, folder: str, item: _Fetched) -> StoredBlob:
+        message = item.message
+        data = item.data
+        if isinstance(data, bytes):
+            length = len(data)
+            metadata = message_metadata(data)
+        else:
+            head = data.read(256 * 1024)
+            data.seek(0, 2)
+            length = data.tell()
+            data.seek(0)
+            metadata = message_metadata(head)
+        metadata.update(
+            size=str(length),
+            sha256=item.sha256,
+            internaldate=message.internaldate.isoformat(),
+            folder=ascii_safe(folder),
+            uid=str(message.uid),
+            uidvalidity=str(self._expected_uidvalidity),
+        )
+        name = blob_name(self.mailbox, folder, message.internaldate, item.sha256)
+        return self.destination.store(name, data, length=length, metadata=metadata)
+
+    def _finish(self, batch: _Batch, state: MailboxState) -> None:
+        """Wait for the batch's uploads, post-action what is stored, then checkpoint."""
+        folder = batch.folder
+        fstate = state.folder(folder)
+        fresult = self.result.folders[folder]
+        stored_uids: list[int] = []
+        transport_failure: str | None = None
+        for item, future in zip(batch.items, batch.uploads, strict=True):
+            uid = item.message.uid
+            try:
+                blob = future.result()
+            except Exception as exc:  # noqa: BLE001 - every failure is recorded with its reason
+                reason = _failure_reason(exc)
+                entry = fstate.failed.get(str(uid), {"attempts": 0})
+                fstate.failed[str(uid)] = {"reason": reason, "attempts": entry["attempts"] + 1}
+                self.result.failed.append(FailedMessage(folder, uid, reason))
+                fresult.failed += 1
+                logger.error("%s/%s uid %s not stored: %s", self.mailbox, folder, uid, reason)
+                if _is_transport_error(exc):
+                    transport_failure = reason
+                continue
+            finally:
+                if not isinstance(item.data, bytes):
+                    item.data.close()
+            stored_uids.append(uid)
+            fstate.failed.pop(str(uid), None)
+            if blob.outcome is Outcome.STORED:
+                self.result.stored += 1
+                fresult.stored += 1
+                self.result.bytes += blob.size
+            else:
+                self.result.already_present += 1
+                fresult.already_present += 1
+        self._post_action(folder, stored_uids)
+        fstate.last_uid = max(fstate.last_uid, *batch.uids)
+        self.checkpoint.save(state)
+        if self._progress:
+            self._progress(self.result)
+        if transport_failure:
+            raise DestinationError(f"blob storage unreachable: {transport_failure}")
+
+    def _post_action(self, folder: str, uids: list[int]) -> None:
+        after = self.options.after
+        if not uids or after.kind == "keep":
+            return
+        if after.kind == "seen":
+            self._imap(folder, lambda: self.source.mark_seen(uids))
+        elif after.kind == "move":
+            self._imap(folder, lambda: self.source.move(uids, after.folder or ""))
+        elif after.kind == "delete":
+            self._imap(folder, lambda: self.source.delete(uids))
+
+    # -- resilience -----------------------------------------------------------------------------
+
+    def _imap(self, folder: str, operation: Callable[[], Any], *, select: bool = True) -> Any:
+        """Run an IMAP step, reconnecting after a lost session and backing off when throttled,
+        within the attempts and the time budget."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return operation()
+            except SessionLostError as exc:
+                if attempt >= self.options.imap_attempts:
+                    raise
+                logger.warning("%s; reconnecting (attempt %d)", exc, attempt)
+                self._sleep(min(2 ** (attempt - 1) * 0.5, self.options.max_backoff_s))
+                self.source.connect(force_refresh="TokenExpired" in str(exc))
+                self.source.reconnects += 1
+                if select:
+                    self._reselect(folder)
+            except SourceThrottledError as exc:
+                if attempt >= self.options.imap_attempts:
+                    raise
+                backoff = min(exc.backoff_seconds, self.options.max_backoff_s)
+                logger.warning("Exchange Online throttled %s; backing off %.1f s", folder, backoff)
+                self._sleep(backoff)
+
+    def _reselect(self, folder: str) -> None:
+        info = self.source.select(folder)
+        if info.uidvalidity != self._expected_uidvalidity:
+            raise SourceError(
+                f"UIDVALIDITY of {folder} changed during the run; the next run re-reads it"
+            )
+
+    def _out_of_time(self) -> bool:
+        return self._clock() >= self._deadline
+
+    def _count_backlog(self, folders: tuple[str, ...], state: MailboxState) -> None:
+        for folder in folders:
+            try:
+                info = self.source.select(folder)
+                fstate = state.folder(folder)
+                last = fstate.last_uid if fstate.uidvalidity == info.uidvalidity else 0
+                count = len(self.source.uids_after(last))
+            except SourceError as exc:
+                logger.info("backlog of %s unknown: %s", folder, exc)
+                continue
+            self.result.folders.setdefault(folder, FolderResult()).backlog = count
+            self.result.backlog += count
+
+    def _save_last_run(self, state: MailboxState) -> None:
+        summary = self.result.to_dict()
+        summary["failed"] = len(self.result.failed)
+        summary.pop("folders", None)
+        state.last_run = summary
+        try:
+            self.checkpoint.save(state)
+        except DestinationError as exc:
+            logger.warning("could not record the run's result: %s", exc)
+
+
+class _HashingWriter:
+    """Writes through to a file while hashing, so a spooled message gets its name on the fly."""
+
+    def __init__(self, sink: IO[bytes]) -> None:
+        self._sink = sink
+        self.reset()
+
+    def reset(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        return self._sink.write(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+
+    return isinstance(exc, ServiceRequestError | ServiceResponseError)
+
+
+def _failure_reason(exc: BaseException) -> str:
+    code = getattr(exc, "error_code", None)
+    status = getattr(exc, "status_code", None)
+    if code or status:
+        return f"{type(exc).__name__}: {code or ''} (HTTP {status})".replace(":  (", ": (")
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def drain_mailbox(settings: Settings, *, progress: Progress | None = None) -> DrainResult:
+    """One drain of the configured mailbox with clients built from ``settings``: the entry point
+    of the timer function and ``python -m mail2blob drain``."""
+    from . import clients
+
+    container = clients.container_client(settings)
+    drain = Drain(
+        mailbox=settings.mailbox,
+        source=clients.imap_source(settings),
+        destination=BlobDestination(container),
+        checkpoint=CheckpointStore(container, settings.mailbox),
+        lease=MailboxLease(container, settings.mailbox),
+        options=DrainOptions(
+            folders=settings.folders, after=settings.after, time_budget_s=settings.time_budget_s
+        ),
+        progress=progress,
+    )
+    return drain.run()

@@ -1,0 +1,240 @@
+"""Access tokens for the mailbox, from an MSAL token cache kept in a token store (Key Vault).
+
+This is MSAL's token-cache pattern: the ``SerializableTokenCache`` is loaded before each use and
+written back whenever it changed. Refresh tokens rotate on every refresh; the rotated one is saved
+*before* the access token is used, so a crash never loses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msal
+
+from . import aadsts
+from .errors import ConsentNeededError, TokenError, TokenStoreError
+from .settings import IMAP_SCOPE, Settings
+
+logger = logging.getLogger(__name__)
+
+CACHE_CONTENT_TYPE = "application/vnd.mail2blob.msal-token-cache+json"
+#: Reconnect with a fresh token when the current one has less than this left.
+REFRESH_MARGIN_S = 300
+
+
+class TokenStore(Protocol):
+    """Where the serialized MSAL token cache lives."""
+
+    def load(self) -> str | None:
+        """The serialized cache, or ``None`` when nobody has consented yet."""
+
+    def save(self, serialized: str) -> None: ...
+
+
+class KeyVaultTokenStore:
+    """The token cache as one Key Vault secret; every save is a new secret version."""
+
+    def __init__(self, secret_client: Any, secret_name: str, *, mailbox: str = "") -> None:
+        self._client = secret_client
+        self.secret_name = secret_name
+        self._mailbox = mailbox
+        self.updated_on: Any = None  # when the cache was last saved, after load()
+
+    def load(self) -> str | None:
+        from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+        try:
+            secret = self._client.get_secret(self.secret_name)
+            self.updated_on = secret.properties.updated_on
+            return secret.value
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise TokenStoreError(
+                f"could not read secret {self.secret_name!r} from Key Vault: {_azure_reason(exc)}"
+            ) from None
+
+    def save(self, serialized: str) -> None:
+        from azure.core.exceptions import AzureError
+
+        try:
+            self._client.set_secret(
+                self.secret_name,
+                serialized,
+                content_type=CACHE_CONTENT_TYPE,
+                tags={"mailbox": self._mailbox, "written-by": "mail2blob"},
+            )
+        except AzureError as exc:
+            raise TokenStoreError(
+                f"could not write secret {self.secret_name!r} to Key Vault: {_azure_reason(exc)}"
+            ) from None
+
+
+def _azure_reason(exc: Exception) -> str:
+    """The error code and status of an Azure SDK error, never its request/response bodies."""
+    code = getattr(exc, "error_code", None) or type(exc).__name__
+    status = getattr(exc, "status_code", None)
+    return f"{code} (HTTP {status})" if status else str(code)
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    token: str
+    expires_at: float  # epoch seconds
+    username: str  # the account that consented (may differ from a shared mailbox)
+
+    def __repr__(self) -> str:  # never show the token
+        return f"AccessToken(username={self.username!r}, expires_at={self.expires_at:.0f})"
+
+    def expires_within(self, seconds: float) -> bool:
+        return self.expires_at - time.time() < seconds
+
+
+def client_credential(settings: Settings) -> str | dict | None:
+    """The confidential client's credential: a secret, or a federated assertion from the managed
+    identity (no secret anywhere), or ``None`` for a public client."""
+    if settings.client_secret:
+        return settings.client_secret
+    if settings.fic_client_id:
+        return {"client_assertion": managed_identity_assertion(settings.fic_client_id)}
+    return None
+
+
+def managed_identity_assertion(mi_client_id: str) -> Callable[[], str]:
+    """A callable MSAL calls for a fresh client assertion: the user-assigned managed identity's
+    token for ``api://AzureADTokenExchange``."""
+    from azure.identity import ManagedIdentityCredential
+
+    credential = ManagedIdentityCredential(client_id=mi_client_id)
+
+    def assertion() -> str:
+        return credential.get_token("api://AzureADTokenExchange/.default").token
+
+    return assertion
+
+
+def build_msal_app(
+    settings: Settings, cache: msal.TokenCache | None = None, *, http_client: Any = None
+) -> msal.ClientApplication:
+    """The MSAL application for ``settings``: confidential when a secret or federated credential
+    is configured, public otherwise (device code consent, "Allow public client flows")."""
+    from .tls import http_session
+
+    common = {
+        "authority": settings.authority,
+        "token_cache": cache,
+        "http_client": http_client or http_session(settings.ca_bundle),
+        # Known Microsoft hosts skip discovery anyway; other authorities (sovereign clouds, the
+        # local stack) must not be validated against login.microsoftonline.com.
+        "instance_discovery": False,
+    }
+    credential = client_credential(settings)
+    if credential is None:
+        return msal.PublicClientApplication(settings.client_id, **common)
+    return msal.ConfidentialClientApplication(
+        settings.client_id, client_credential=credential, **common
+    )
+
+
+class MailboxTokens:
+    """Delegated access tokens for one mailbox, refreshed from the stored token cache."""
+
+    def __init__(
+        self,
+        store: TokenStore,
+        app_factory: Callable[[msal.SerializableTokenCache], msal.ClientApplication],
+        *,
+        mailbox: str,
+        scopes: tuple[str, ...] = (IMAP_SCOPE,),
+        consent_hint: str = "",
+    ) -> None:
+        self._store = store
+        self._app_factory = app_factory
+        self._mailbox = mailbox
+        self._scopes = list(scopes)
+        self._consent_hint = consent_hint
+        self._lock = threading.Lock()
+
+    def access_token(self, *, force_refresh: bool = False) -> AccessToken:
+        """A valid access token; rotates and saves the refresh token when one is redeemed."""
+        with self._lock:
+            serialized = self._store.load()
+            if not serialized:
+                raise ConsentNeededError(
+                    f"no token for {self._mailbox} yet: consent is needed. {self._consent_hint}"
+                )
+            cache = msal.SerializableTokenCache()
+            try:
+                cache.deserialize(serialized)
+            except ValueError:
+                raise ConsentNeededError(
+                    f"the stored token cache for {self._mailbox} is unreadable: consent again. "
+                    f"{self._consent_hint}"
+                ) from None
+            app = self._app_factory(cache)
+            account = self._pick_account(app)
+            try:
+                result = app.acquire_token_silent_with_error(
+                    self._scopes, account, force_refresh=force_refresh
+                )
+            except OSError as exc:  # requests' ConnectionError and timeouts are OSErrors
+                raise TokenError(
+                    f"the identity platform at {self._authority_of(app)} could not be reached "
+                    f"({type(exc).__name__})"
+                ) from None
+            if cache.has_state_changed:
+                # Save before anything uses the token: the old refresh token may be dead now.
+                self._store.save(cache.serialize())
+                logger.info("token cache for %s saved (refresh token rotated)", self._mailbox)
+            return self._access_token_from(result, account)
+
+    @staticmethod
+    def _authority_of(app: msal.ClientApplication) -> str:
+        return getattr(app.authority, "instance", "") or "the authority"
+
+    def _pick_account(self, app: msal.ClientApplication) -> dict:
+        accounts = app.get_accounts()
+        if not accounts:
+            raise ConsentNeededError(
+                f"the stored token cache for {self._mailbox} holds no account: consent is "
+                f"needed. {self._consent_hint}"
+            )
+        for account in accounts:
+            if account.get("username", "").lower() == self._mailbox.lower():
+                return account
+        return accounts[0]
+
+    def _access_token_from(self, result: dict | None, account: dict) -> AccessToken:
+        username = account.get("username", "")
+        if result is None:
+            raise ConsentNeededError(
+                f"the stored token for {self._mailbox} (signed in as {username}) has no refresh "
+                f"token left: consent is needed. {self._consent_hint}"
+            )
+        if "access_token" in result:
+            expires_in = float(result.get("expires_in") or 0)
+            return AccessToken(result["access_token"], time.time() + expires_in, username)
+        raise token_failure(
+            result,
+            what=f"refreshing the token for {self._mailbox}",
+            consent_hint=self._consent_hint,
+        )
+
+
+def token_failure(result: dict, *, what: str, consent_hint: str = "") -> Exception:
+    """The typed error for an MSAL error result: consent needed, or a configuration problem."""
+    error = str(result.get("error", "unknown"))
+    code = aadsts.extract_code(result)
+    explanation = aadsts.describe(code, error)
+    if aadsts.needs_reconsent(code, error):
+        return ConsentNeededError(
+            f"{what} failed: {explanation} {consent_hint}".strip(),
+            aadsts=code,
+            reason=explanation,
+        )
+    return TokenError(f"{what} failed: {explanation}", aadsts=code, error=error)
