@@ -30,6 +30,7 @@ CONTENT_TYPE = "message/rfc822"
 STATE_PREFIX = ".mail2blob/"
 _METADATA_VALUE_MAX = 1024
 _UNSAFE_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f\\%#?]")
+_FOLDING = re.compile(r"\r?\n[ \t]*")
 
 
 class Outcome(enum.Enum):
@@ -66,14 +67,16 @@ def _folder_path(folder: str) -> str:
 
 def ascii_safe(text: str, limit: int = _METADATA_VALUE_MAX) -> str:
     """Metadata values travel as HTTP headers: printable ASCII only. Other characters are
-    percent-encoded (UTF-8), so nothing is lost but length."""
+    percent-encoded (UTF-8), so nothing is lost but length and header folding."""
+    text = _FOLDING.sub(" ", text).strip()
     out = []
     for ch in text:
         if " " <= ch <= "~" and ch != "%":
             out.append(ch)
         else:
             out.extend(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
-    return "".join(out)[:limit].strip()
+    # Never cut a %XX escape in half.
+    return re.sub(r"%[0-9A-F]?$", "", "".join(out)[:limit])
 
 
 def _decoded(value: Any) -> str:
