@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from html import unescape
+from pathlib import Path
 from typing import Any
 
 import msal
@@ -119,3 +122,55 @@ class Stack:
         )
         KeyVaultTokenStore(client, secret_name, mailbox=c.MAILBOX).save(cache.serialize())
         return cache
+
+
+def start_local_stack(directory: Path) -> tuple[Stack, Callable[[], None]]:
+    """Start every part of the stack in ``directory``; returns the stack and its stop function
+    (for the devstack, the demo and the benchmark; tests use the session fixtures instead)."""
+    from tests.stack.azurite import Azurite
+    from tests.stack.certs import TestCA
+    from tests.stack.dovecot import Dovecot
+    from tests.stack.identity import IdentityStandIn
+    from tests.stack.keyvault import KeyVaultStandIn
+    from tests.stack.signing import SigningKey
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = TestCA(directory / "ca")
+    key = SigningKey()
+    stoppers: list[Callable[[], None]] = []
+
+    def stop() -> None:
+        for stopper in reversed(stoppers):
+            try:
+                stopper()
+            except Exception as exc:  # noqa: BLE001 - stop the rest regardless
+                print(f"stopping a stack part failed: {exc}")
+
+    try:
+        identity = IdentityStandIn(ca, key).start()
+        stoppers.append(identity.stop)
+        keyvault = KeyVaultStandIn(ca, key).start()
+        stoppers.append(keyvault.stop)
+        dovecot = Dovecot(directory / "dovecot", ca, key)
+        dovecot.start()
+        stoppers.append(dovecot.close)
+        azurite = Azurite(directory / "azurite")
+        azurite.start()
+        stoppers.append(azurite.stop)
+    except BaseException:
+        stop()
+        raise
+    return Stack(ca, key, dovecot, azurite, identity, keyvault), stop
+
+
+def env_file_text(stack: Stack, **overrides: str) -> str:
+    """Shell assignments of the settings for ``stack`` (``.devstack/env``)."""
+    values = {
+        **stack.env(**overrides),
+        **stack.azure_env(),
+        "DEVSTACK_IMAP_HOST": stack.dovecot.host,
+        "DEVSTACK_IMAP_PORT": str(stack.dovecot.port),
+        "DEVSTACK_IMAP_SEED_USER": f"{c.MAILBOX}*{c.SEED_MASTER_USER}",
+        "DEVSTACK_IMAP_SEED_PASSWORD": c.SEED_MASTER_PASSWORD,
+    }
+    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
