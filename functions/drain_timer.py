@@ -1,9 +1,15 @@
-"""Timer trigger: one drain of the configured mailbox on ``%MAIL2BLOB_SCHEDULE%``."""
+"""Timer trigger on ``%MAIL2BLOB_SCHEDULE%``: the fan-out. It drains nothing itself; it puts one
+message per enabled source on the ``mail2blob-drain`` queue (``functions/drain_queue.py`` drains
+each), also when there is only the one source of the ``MAIL2BLOB_*`` settings.
+
+A timer runs on one instance of a scaled-out app; the queue spreads the sources over instances,
+bounded by host.json's ``extensions.queues`` and the app's ``maximumInstanceCount``.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+from typing import List  # noqa: UP035 - see drain_timer
 
 import azure.functions as func
 
@@ -13,25 +19,19 @@ bp = func.Blueprint()
 logger = logging.getLogger(__name__)
 
 
-class DrainFailed(RuntimeError):
-    """Raised so the Functions host records the invocation as failed."""
-
-
 @bp.timer_trigger(
     arg_name="timer", schedule="%MAIL2BLOB_SCHEDULE%", run_on_startup=False, use_monitor=True
 )
-def drain_timer(timer: func.TimerRequest) -> None:
-    from mail2blob.drain import drain_mailbox
+@bp.queue_output(arg_name="drains", queue_name="mail2blob-drain", connection="AzureWebJobsStorage")
+# typing.List, not list: the worker checks a queue output's annotation with typing_inspect,
+# which does not recognise list[str] and would refuse to load the function.
+def drain_timer(timer: func.TimerRequest, drains: func.Out[List[str]]) -> None:  # noqa: UP006
+    from mail2blob.fanout import tick_messages
 
     if timer.past_due:
         logger.info("drain timer is past due; running now")
-    settings = Settings.from_env()
-    result = drain_mailbox(settings)
-    # One structured line per run: queryable in Application Insights (customDimensions).
-    logger.info(
-        "mail2blob drain result %s",
-        json.dumps(result.to_dict() | {"failed": len(result.failed)}, sort_keys=True),
-        extra={"mail2blob_event": "drain_result", "mailbox": settings.mailbox},
-    )
-    if not result.ok:
-        raise DrainFailed(result.summary())
+    # Bad settings or an invalid .mail2blob/sources.json raise: the host records the failure
+    # and the log names every problem.
+    messages = tick_messages(Settings.from_env())
+    drains.set(messages)
+    logger.info("drain tick: %d sources queued on mail2blob-drain", len(messages))

@@ -38,8 +38,9 @@ param mailbox string
 @allowed([
   'delegated'
   'appOnly'
+  'both'
 ])
-@description('delegated: a user consents once (IMAP.AccessAsUser.All on Microsoft Graph). appOnly: IMAP.AccessAsApp on Office 365 Exchange Online, admin consent and two Exchange Online PowerShell commands (azd: ENTRA_AUTH_MODE).')
+@description('delegated: a user consents once (IMAP.AccessAsUser.All on Microsoft Graph). appOnly: IMAP.AccessAsApp on Office 365 Exchange Online, admin consent and two Exchange Online PowerShell commands. both: the app registration gets both permissions, for sources of either kind in .mail2blob/sources.json; MAIL2BLOB_MAILBOX is then drained delegated (azd: ENTRA_AUTH_MODE).')
 param authMode string = 'delegated'
 
 @description('Grant tenant-wide admin consent during the deployment; the deployer needs Cloud Application Administrator or Application Administrator in Entra ID (azd: ENTRA_GRANT_ADMIN_CONSENT).')
@@ -73,6 +74,13 @@ param timeBudgetSeconds int = 1200
 
 @description('Name of the Key Vault secret holding the MSAL token cache.')
 param tokenSecretName string = 'mail2blob-token-cache'
+
+// ---------------------------------------------------------------------------------------------
+// Alerts
+// ---------------------------------------------------------------------------------------------
+
+@description('E-mail address alerted when a source needs consent again (MAIL2BLOB_CONSENT_FAILED in the logs). Empty: no action group and no alert rule (azd: MAIL2BLOB_ALERT_EMAIL).')
+param alertEmail string = ''
 
 // ---------------------------------------------------------------------------------------------
 // Sizing
@@ -121,6 +129,8 @@ param appServicePlanName string = ''
 param functionAppName string = ''
 param appRegistrationUniqueName string = ''
 param appRegistrationDisplayName string = ''
+param actionGroupName string = ''
+param consentAlertName string = ''
 
 // ---------------------------------------------------------------------------------------------
 // Names and constants
@@ -144,6 +154,8 @@ var names = {
   functionApp: !empty(functionAppName) ? functionAppName : '${abbrs.webSitesFunctions}${resourceToken}'
   appUniqueName: !empty(appRegistrationUniqueName) ? appRegistrationUniqueName : 'mail2blob-${resourceToken}'
   appDisplayName: !empty(appRegistrationDisplayName) ? appRegistrationDisplayName : 'mail2blob (${environmentName})'
+  actionGroup: !empty(actionGroupName) ? actionGroupName : '${abbrs.insightsActionGroups}${resourceToken}'
+  consentAlert: !empty(consentAlertName) ? consentAlertName : '${abbrs.insightsScheduledQueryRules}consent-${resourceToken}'
 }
 
 // Flex Consumption deploys the app package from this container; the host keeps leases, timer
@@ -152,6 +164,13 @@ var deploymentContainerName = 'app-package'
 var hostContainerNames = [
   'azure-webjobs-hosts'
   'azure-webjobs-secrets'
+]
+
+// The fan-out: the timer puts one message per source on mail2blob-drain, a queue-triggered
+// function drains each; failed messages end in mail2blob-drain-poison with the reason.
+var drainQueueNames = [
+  'mail2blob-drain'
+  'mail2blob-drain-poison'
 ]
 
 // Routes the consent functions serve (host.json keeps the default "api" route prefix).
@@ -199,6 +218,7 @@ module storage 'core/storage/storage-account.bicep' = {
     tags: tags
     skuName: storageSkuName
     containerNames: concat([archiveContainerName, deploymentContainerName], hostContainerNames)
+    queueNames: drainQueueNames
   }
 }
 
@@ -222,6 +242,19 @@ module monitoring 'core/monitor/monitoring.bicep' = {
     location: location
     tags: tags
     retentionInDays: logRetentionDays
+  }
+}
+
+module alerts 'core/monitor/alerts.bicep' = if (!empty(alertEmail)) {
+  name: 'alerts'
+  scope: rg
+  params: {
+    actionGroupName: names.actionGroup
+    alertRuleName: names.consentAlert
+    location: location
+    tags: tags
+    applicationInsightsId: monitoring.outputs.applicationInsightsId
+    alertEmail: alertEmail
   }
 }
 
@@ -255,6 +288,9 @@ module rbac 'app/rbac.bicep' = {
   }
 }
 
+// The one-source case (no .mail2blob/sources.json) drains MAIL2BLOB_MAILBOX in this mode.
+var mail2blobAuthMode = authMode == 'appOnly' ? 'app' : 'delegated'
+
 // Exactly the settings mail2blob/settings.py reads (tests/test_infra.py keeps them in step).
 // MAIL2BLOB_CLIENT_SECRET is never set (the federated credential replaces it) and neither is
 // MAIL2BLOB_CA_BUNDLE (Azure's endpoints chain to public roots).
@@ -275,6 +311,7 @@ var mail2blobSettings = {
   MAIL2BLOB_SCHEDULE: schedule
   MAIL2BLOB_TIME_BUDGET: string(timeBudgetSeconds)
   MAIL2BLOB_REDIRECT_URI: redirectUri
+  MAIL2BLOB_AUTH_MODE: mail2blobAuthMode
 }
 
 module functionApp 'core/host/functions-flex.bicep' = {
@@ -327,4 +364,5 @@ output ARCHIVE_CONTAINER_URL string = '${storage.outputs.blobEndpoint}${archiveC
 // started: CONSENT_URL_COMMAND prints the whole link.
 output CONSENT_URL string = 'https://${functionAppHost}${consentPath}'
 output CONSENT_URL_COMMAND string = 'echo "https://${functionAppHost}${consentPath}?code=$(${keyCommand})"'
+output STATUS_URL string = 'https://${functionAppHost}/api/status'
 output ADMIN_CONSENT_COMMAND string = 'az ad app permission admin-consent --id ${registration.outputs.clientId}'

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .consent_cli import add_consent_parser
 from .errors import ConsentNeededError, DrainBusyError, Mail2BlobError, SettingsError
 from .settings import Settings
 
@@ -69,36 +70,87 @@ class _Progress:
         sys.stderr.flush()
 
 
+def _exit_status(run) -> int:
+    if run.result.error_kind in _EXIT_BY_ERROR_KIND:
+        return _EXIT_BY_ERROR_KIND[run.result.error_kind]
+    return EXIT_OK if run.result.ok else EXIT_FAILED
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
-    from .drain import drain_mailbox
+    """Drain every enabled source in turn (or ``--source``). With ``--json``: one JSON object per
+    source, then a last line with the totals, ``sources`` and ``ok``. Exit status: that of the
+    first source that did not succeed (0 when all did)."""
+    from .fanout import drain_sources
 
     settings = _settings(args)
-    progress = _Progress() if sys.stderr.isatty() and not args.quiet else None
-    result = drain_mailbox(settings, progress=progress)
-    if progress:
+    show_progress = sys.stderr.isatty() and not args.quiet
+    runs = drain_sources(
+        settings,
+        source_id=args.source,
+        progress=(lambda _source: _Progress()) if show_progress else None,
+    )
+    if show_progress:
         sys.stderr.write("\n")
-    if args.json:
-        print(json.dumps(result.to_dict(), sort_keys=True))
-    else:
-        print(result.summary())
-        for failure in result.failed[:20]:
+    for run in runs:
+        if args.json:
+            print(json.dumps(run.to_dict(), sort_keys=True))
+            continue
+        print(f"[{run.source.id}] {run.result.summary()}")
+        for failure in run.result.failed[:20]:
             print(f"  failed: {failure.folder} uid {failure.uid}: {failure.reason}")
-    if result.error_kind in _EXIT_BY_ERROR_KIND:
-        return _EXIT_BY_ERROR_KIND[result.error_kind]
-    return EXIT_OK if result.ok else EXIT_FAILED
+    codes = [_exit_status(run) for run in runs]
+    if args.json:
+        print(json.dumps(_summary(runs, codes), sort_keys=True))
+    return next((code for code in codes if code != EXIT_OK), EXIT_OK)
+
+
+def _summary(runs: list, codes: list[int]) -> dict:
+    """The last ``drain --json`` line: the totals under the keys of one run's result (so a
+    script written for one mailbox keeps working), plus ``sources``."""
+    results = [run.result for run in runs]
+    failed_run = next((r for r in results if r.error), None)
+    return {
+        "sources": [{"source": run.source.id, "outcome": run.outcome} for run in runs],
+        "ok": all(code == EXIT_OK for code in codes),
+        "complete": all(r.complete for r in results),
+        "failed": [
+            {"source": run.source.id, "folder": f.folder, "uid": f.uid, "reason": f.reason}
+            for run in runs
+            for f in run.result.failed
+        ],
+        "error": failed_run.error if failed_run else None,
+        "error_kind": failed_run.error_kind if failed_run else None,
+        "seconds": round(sum(r.seconds for r in results), 3),
+        **{
+            key: sum(getattr(r, key) for r in results)
+            for key in ("stored", "already_present", "bytes", "backlog")
+        },
+    }
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import mailbox_status
+    from .status import sources_status
 
-    status = mailbox_status(_settings(args))
+    report = sources_status(_settings(args), source_id=args.source)
     if args.json:
-        print(json.dumps(status, sort_keys=True, default=str))
+        print(json.dumps(report, sort_keys=True, default=str))
         return EXIT_OK
+    print(
+        f"sources from {report['origin']}: {'all healthy' if report['ok'] else 'NOT all healthy'}"
+    )
+    for status in report["sources"]:
+        _print_source_status(status)
+    return EXIT_OK
+
+
+def _print_source_status(status: dict) -> None:
     token = status["token"]
-    print(f"mailbox:  {status['mailbox']}")
+    enabled = "" if status["enabled"] else " (disabled)"
+    how = f"{status['auth']}, after {status['after']}"
+    print(f"\n[{status['id']}]{enabled} {status['mailbox']} ({how})")
     print(
         f"token:    {token['state']}"
+        + (f" {token['aadsts']}" if token.get("aadsts") else "")
         + (f" ({token.get('account')})" if token.get("account") else "")
     )
     if token.get("detail"):
@@ -116,7 +168,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     else:
         print("last run: none")
-    return EXIT_OK
+    print(f"stored:   {status.get('stored')} in total")
+    error = status.get("last_error")
+    if error:
+        print(f"last error: {error.get('at')}: {error.get('kind')}: {error.get('message')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,21 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    drain = sub.add_parser("drain", help="store every new message once, then the post-action")
+    drain = sub.add_parser(
+        "drain", help="drain every enabled source: store each new message once, then post-act"
+    )
     drain.add_argument("--json", action="store_true", help="print the result as one JSON line")
     drain.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    drain.add_argument(
+        "--source", metavar="ID", help="drain only this source (default: all enabled)"
+    )
     drain.set_defaults(func=cmd_drain)
 
-    status = sub.add_parser("status", help="token state, checkpoint per folder, last run")
+    status = sub.add_parser(
+        "status", help="per source: token state, checkpoint per folder, last run, last error"
+    )
     status.add_argument("--json", action="store_true")
+    status.add_argument("--source", metavar="ID", help="only this source")
     status.set_defaults(func=cmd_status)
 
-    try:
-        from .consent_cli import add_consent_parser
-    except ImportError:  # pragma: no cover - consent arrives with its own module
-        pass
-    else:
-        add_consent_parser(sub)
+    add_consent_parser(sub)
     return parser
 
 

@@ -25,8 +25,15 @@ KEY_VAULT_SUFFIXES = (
     ".vault.microsoftazure.de",
     ".managedhsm.azure.net",
 )
-#: Messages up to this size go in one PUT; larger ones as staged 4 MiB blocks (bounded memory).
-MAX_SINGLE_PUT = 4 * 1024 * 1024
+#: Seconds Key Vault requests may take to connect and to answer (azure-core's defaults are
+#: 300 s each, so a hung vault would eat the run's time budget); the SDK retries after a timeout.
+HTTP_CONNECTION_TIMEOUT = 10
+HTTP_READ_TIMEOUT = 30
+#: Messages up to this size go in one PUT: the drain holds them whole anyway (its
+#: ``large_message_bytes``). Larger ones are spooled and go as staged blocks of ``MAX_BLOCK``,
+#: one block in memory at a time. Every PUT, block and block list is a billed write.
+MAX_SINGLE_PUT = 8 * 1024 * 1024
+MAX_BLOCK = 8 * 1024 * 1024
 
 
 @functools.cache
@@ -49,21 +56,39 @@ def secret_client(settings: Settings) -> Any:
         settings.key_vault_url,
         azure_credential(),
         verify_challenge_resource=host.endswith(KEY_VAULT_SUFFIXES),
+        connection_timeout=HTTP_CONNECTION_TIMEOUT,
+        read_timeout=HTTP_READ_TIMEOUT,
         **_transport_options(settings),
     )
 
 
 def blob_service_client(settings: Settings) -> Any:
+    """The drain's client. The proxy and CA variables of the environment are read here, once:
+    left to requests (``trust_env``), they are re-read, and ``~/.netrc`` looked for, on every one
+    of a drain's thousands of PUTs, which cost ~10% of its CPU (``docs/performance.md``)."""
+    import requests.utils
     from azure.storage.blob import BlobServiceClient
 
     options: dict[str, Any] = {
         "max_single_put_size": MAX_SINGLE_PUT,
-        "max_block_size": MAX_SINGLE_PUT,
+        "max_block_size": MAX_BLOCK,
+        "use_env_settings": False,
         **_transport_options(settings),
     }
-    if settings.storage_is_connection_string:
-        return BlobServiceClient.from_connection_string(settings.storage, **options)
-    return BlobServiceClient(settings.storage, credential=azure_credential(), **options)
+    env_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if env_bundle and "connection_verify" not in options:
+        options["connection_verify"] = env_bundle
+
+    def build(**extra: Any) -> Any:
+        if settings.storage_is_connection_string:
+            return BlobServiceClient.from_connection_string(settings.storage, **options, **extra)
+        return BlobServiceClient(
+            settings.storage, credential=azure_credential(), **options, **extra
+        )
+
+    client = build()
+    proxies = requests.utils.get_environ_proxies(client.url)  # honours NO_PROXY
+    return build(proxies=proxies) if proxies else client
 
 
 def container_client(settings: Settings) -> Any:
@@ -100,10 +125,22 @@ def mailbox_tokens(settings: Settings) -> Any:
     )
 
 
+def app_tokens(settings: Settings) -> Any:
+    """App-only tokens (client credentials) for ``settings.mailbox``."""
+    from .tokens import AppTokens, build_msal_app
+
+    return AppTokens(
+        lambda: build_msal_app(settings),
+        mailbox=settings.mailbox,
+        client_id=settings.client_id,
+    )
+
+
 def imap_source(settings: Settings, tokens: Any = None) -> Any:
     from .imap_source import ImapSource
 
-    tokens = tokens or mailbox_tokens(settings)
+    if tokens is None:
+        tokens = app_tokens(settings) if settings.auth_mode == "app" else mailbox_tokens(settings)
     return ImapSource(
         settings.imap_host,
         settings.imap_port,

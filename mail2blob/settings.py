@@ -26,6 +26,9 @@ IMAP_APP_SCOPE = "https://outlook.office365.com/.default"
 DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
 DEFAULT_SCHEDULE = "0 */5 * * * *"
 DEFAULT_TIME_BUDGET_S = 1200  # 20 min: well inside host.json's 30 min functionTimeout.
+#: delegated: a user's consented token (MSAL cache in Key Vault); app: client credentials
+#: (IMAP.AccessAsApp), no consent and no token cache.
+AUTH_MODES = ("delegated", "app")
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _SECRET_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
@@ -73,6 +76,12 @@ class Settings:
     ca_bundle: str | None = None
     time_budget_s: float = DEFAULT_TIME_BUDGET_S
     redirect_uri: str | None = None
+    auth_mode: str = "delegated"
+
+    @property
+    def has_client_credential(self) -> bool:
+        """A secret or a federated credential: a confidential client (app-only needs one)."""
+        return bool(self.client_secret or self.fic_client_id)
 
     @property
     def storage_is_connection_string(self) -> bool:
@@ -176,6 +185,15 @@ class Settings:
         if redirect_uri is not None and not _is_url(redirect_uri):
             problems.append(f"{PREFIX}REDIRECT_URI must be an absolute URL, got {redirect_uri!r}")
 
+        auth_mode = (get("AUTH_MODE") or "delegated").lower()
+        if auth_mode not in AUTH_MODES:
+            problems.append(f"{PREFIX}AUTH_MODE must be delegated or app, got {auth_mode!r}")
+        elif auth_mode == "app" and not (get("CLIENT_SECRET") or get("FIC_CLIENT_ID")):
+            problems.append(
+                f"{PREFIX}AUTH_MODE app (client credentials) needs {PREFIX}CLIENT_SECRET or "
+                f"{PREFIX}FIC_CLIENT_ID"
+            )
+
         if problems:
             raise SettingsError(problems)
         return cls(
@@ -197,6 +215,7 @@ class Settings:
             ca_bundle=ca_bundle,
             time_budget_s=time_budget_s,
             redirect_uri=redirect_uri,
+            auth_mode=auth_mode,
         )
 
 
@@ -223,6 +242,7 @@ SETTING_NAMES = frozenset(
         "CA_BUNDLE",
         "TIME_BUDGET",
         "REDIRECT_URI",
+        "AUTH_MODE",
     )
 )
 

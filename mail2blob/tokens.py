@@ -18,13 +18,17 @@ import msal
 
 from . import aadsts
 from .errors import ConsentNeededError, TokenError, TokenStoreError
-from .settings import IMAP_SCOPE, Settings
+from .settings import IMAP_APP_SCOPE, IMAP_SCOPE, Settings
 
 logger = logging.getLogger(__name__)
 
 CACHE_CONTENT_TYPE = "application/vnd.mail2blob.msal-token-cache+json"
 #: Reconnect with a fresh token when the current one has less than this left.
 REFRESH_MARGIN_S = 300
+#: Tries at a token when the identity platform throttles, fails or does not answer; the waits
+#: between them double from TOKEN_BACKOFF_S.
+TOKEN_ATTEMPTS = 3
+TOKEN_BACKOFF_S = 1.0
 
 
 class TokenStore(Protocol):
@@ -87,6 +91,7 @@ class AccessToken:
     token: str
     expires_at: float  # epoch seconds
     username: str  # the account that consented (may differ from a shared mailbox)
+    app_only: bool = False  # client credentials (IMAP.AccessAsApp): no user, a service principal
 
     def __repr__(self) -> str:  # never show the token
         return f"AccessToken(username={self.username!r}, expires_at={self.expires_at:.0f})"
@@ -161,7 +166,20 @@ class MailboxTokens:
         self._lock = threading.Lock()
 
     def access_token(self, *, force_refresh: bool = False) -> AccessToken:
-        """A valid access token; rotates and saves the refresh token when one is redeemed."""
+        """A valid access token; rotates and saves the refresh token when one is redeemed.
+        Transient failures of the identity platform are tried again, with backoff."""
+        for attempt in range(1, TOKEN_ATTEMPTS + 1):
+            try:
+                return self._access_token(force_refresh=force_refresh)
+            except TokenError as exc:
+                if not exc.transient or attempt == TOKEN_ATTEMPTS:
+                    raise
+                delay = TOKEN_BACKOFF_S * 2 ** (attempt - 1)
+                logger.warning("%s; trying again in %.0f s", exc, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _access_token(self, *, force_refresh: bool) -> AccessToken:
         with self._lock:
             serialized = self._store.load()
             if not serialized:
@@ -176,7 +194,7 @@ class MailboxTokens:
                     f"the stored token cache for {self._mailbox} is unreadable: consent again. "
                     f"{self._consent_hint}"
                 ) from None
-            app = self._app_factory(cache)
+            app = _msal_app(lambda: self._app_factory(cache))
             account = self._pick_account(app)
             try:
                 result = app.acquire_token_silent_with_error(
@@ -185,7 +203,13 @@ class MailboxTokens:
             except OSError as exc:  # requests' ConnectionError and timeouts are OSErrors
                 raise TokenError(
                     f"the identity platform at {self._authority_of(app)} could not be reached "
-                    f"({type(exc).__name__})"
+                    f"({type(exc).__name__})",
+                    error="unreachable",
+                ) from None
+            except msal.exceptions.MsalServiceError as exc:  # MSAL raises for HTTP 5xx
+                raise TokenError(
+                    f"the identity platform at {self._authority_of(app)} failed ({exc})",
+                    error="server_error",
                 ) from None
             if cache.has_state_changed:
                 # Save before anything uses the token: the old refresh token may be dead now.
@@ -224,6 +248,83 @@ class MailboxTokens:
             what=f"refreshing the token for {self._mailbox}",
             consent_hint=self._consent_hint,
         )
+
+
+class AppTokens:
+    """App-only access tokens for one mailbox: the client-credentials flow (``IMAP.AccessAsApp``,
+    scope ``https://outlook.office365.com/.default``). No user, no consent link and no stored
+    token cache: MSAL keeps the token in memory and asks again when it nears expiry. Exchange
+    decides which mailboxes the app's service principal may open (Add-MailboxPermission)."""
+
+    def __init__(
+        self,
+        app_factory: Callable[[], msal.ClientApplication],
+        *,
+        mailbox: str,
+        client_id: str,
+        scopes: tuple[str, ...] = (IMAP_APP_SCOPE,),
+    ) -> None:
+        self._app_factory = app_factory
+        self._app: Any = None
+        self._mailbox = mailbox
+        self._client_id = client_id
+        self._scopes = list(scopes)
+        self._lock = threading.Lock()
+
+    def access_token(self, *, force_refresh: bool = False) -> AccessToken:
+        with self._lock:
+            if self._app is None:
+                self._app = self._app_factory()
+                if not isinstance(self._app, msal.ConfidentialClientApplication):
+                    raise TokenError(
+                        "app-only access needs a confidential client: set "
+                        "MAIL2BLOB_CLIENT_SECRET or MAIL2BLOB_FIC_CLIENT_ID"
+                    )
+            if force_refresh:
+                self._app.remove_tokens_for_client()
+            try:
+                result = self._app.acquire_token_for_client(self._scopes)
+            except OSError as exc:
+                raise TokenError(
+                    f"the identity platform could not be reached ({type(exc).__name__})"
+                ) from None
+        if "access_token" in result:
+            expires_in = float(result.get("expires_in") or 0)
+            return AccessToken(
+                result["access_token"],
+                time.time() + expires_in,
+                f"app {self._client_id}",
+                app_only=True,
+            )
+        raise token_failure(
+            result,
+            what=f"getting an app-only token (client credentials) for {self._mailbox}",
+            consent_hint="An admin grants consent for IMAP.AccessAsApp (Office 365 Exchange "
+            "Online) on the app registration.",
+        )
+
+
+def _msal_app(factory: Callable[[], msal.ClientApplication]) -> msal.ClientApplication:
+    """Build the MSAL application, whose constructor fetches the authority's discovery document:
+    its failures become ``TokenError`` (transient ones marked so) instead of escaping raw."""
+    try:
+        return factory()
+    except OSError as exc:
+        raise TokenError(
+            f"the identity platform could not be reached ({type(exc).__name__})",
+            error="unreachable",
+        ) from None
+    except msal.exceptions.MsalServiceError as exc:  # discovery answered 5xx
+        raise TokenError(
+            f"the identity platform's discovery document is unavailable ({exc})",
+            error="server_error",
+        ) from None
+    except ValueError:  # discovery answered 4xx: no such tenant or authority
+        raise TokenError(
+            "the identity platform does not know the configured authority: check "
+            "MAIL2BLOB_TENANT_ID and MAIL2BLOB_AUTHORITY",
+            error="invalid_authority",
+        ) from None
 
 
 def token_failure(result: dict, *, what: str, consent_hint: str = "") -> Exception:

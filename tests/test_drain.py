@@ -245,7 +245,7 @@ def test_cli_drain_json_and_status(stack, fresh, tmp_path):
         check=False,
     )
     assert status.returncode == 0, status.stderr
-    data = json.loads(status.stdout)
+    (data,) = json.loads(status.stdout)["sources"]  # the one source of the settings
     assert data["token"]["state"] == "ok" and data["token"]["account"] == c.MAILBOX
     assert data["checkpoint"]["INBOX"]["last_uid"] >= 7
     assert data["last_run"]["stored"] == 7
@@ -267,22 +267,53 @@ def test_cli_exit_status_for_consent_needed(stack, fresh):
     assert json.loads(run.stdout.strip().splitlines()[-1])["error_kind"] == "ConsentNeededError"
 
 
-def test_timer_function_runs_a_drain_against_the_stack(stack, fresh):
+def test_timer_function_runs_a_drain_against_the_stack(stack, fresh, monkeypatch, caplog):
+    """The timer fans out (one queue message, for the one source of the settings); the queue
+    function drains it. A consent problem is logged, not retried; another failure raises so the
+    host retries, and the last attempt ends in the poison queue with the reason."""
     from azure.functions.timer import TimerRequest
 
-    import function_app
+    from tests.functions_host import Out, QueueHost, load_functions
 
-    functions = {f.get_function_name(): f for f in function_app.app.get_functions()}
-    timer = functions["drain_timer"]
-    binding = timer.get_bindings()[0].get_dict_repr()
-    assert binding["type"] == "timerTrigger" and binding["schedule"] == "%MAIL2BLOB_SCHEDULE%"
+    functions = load_functions()
+    timer, worker = functions["drain_timer"], functions["drain_queue"]
+    binding = timer.binding("timerTrigger")
+    assert binding["schedule"] == "%MAIL2BLOB_SCHEDULE%"
+    queue = QueueHost(stack.azurite.connection_string, timer.binding("queue")["queueName"])
+    assert worker.binding("queueTrigger")["queueName"] == queue.name
     stack.dovecot.append_many(make_messages(4, seed=14))
-    user_function = timer.get_user_function()
-    user_function(TimerRequest(past_due=False))
+
+    def tick() -> list:
+        drains = Out()
+        timer(TimerRequest(past_due=False), drains)
+        queue.send(drains.value)
+        return queue.invoke_all(worker, lambda: {"poison": Out()})
+
+    ((message, out, error),) = tick()
+    assert json.loads(message.get_body())["source"] == "default"
+    assert error is None and out["poison"].value is None
     assert len(stored_blobs(fresh)) == 4
-    # a failed run raises, so the Functions host records the invocation as failed
+
+    # Consent is gone: logged once as the stable event, not retried (nothing to retry).
     stack.identity.set_token_lifetime(60)  # the next run must refresh...
     stack.consent()
     stack.identity.revoke(c.MAILBOX)  # ...and the grant is gone
-    with pytest.raises(Exception, match="AADSTS50173"):
-        user_function(TimerRequest(past_due=True))
+    with caplog.at_level("ERROR", logger="mail2blob.fanout"):
+        ((_, out, error),) = tick()
+    assert error is None and out["poison"].value is None and queue.peek_all() == []
+    (event,) = [r.getMessage() for r in caplog.records if "CONSENT_FAILED" in r.getMessage()]
+    assert event.startswith("MAIL2BLOB_CONSENT_FAILED source=default ")
+    assert f"mailbox={c.MAILBOX} aadsts=AADSTS50173" in event
+
+    # A folder that does not exist: raise (the host retries), then poison with the reason.
+    stack.consent()
+    monkeypatch.setenv("MAIL2BLOB_FOLDERS", "INBOX/Missing")
+    ((_, _, error),) = tick()
+    assert "attempt 1 of 3" in str(error) and "SELECT INBOX/Missing failed" in str(error)
+    ((_, _, error),) = queue.invoke_all(worker, lambda: {"poison": Out()})
+    assert "attempt 2 of 3" in str(error)
+    ((_, out, error),) = queue.invoke_all(worker, lambda: {"poison": Out()})
+    assert error is None and queue.peek_all() == []
+    poison = json.loads(out["poison"].value)
+    assert poison["source"] == "default" and poison["message"]["source"] == "default"
+    assert "SELECT INBOX/Missing failed" in poison["reason"]

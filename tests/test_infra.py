@@ -181,7 +181,7 @@ def test_modules_and_abbreviations_exist() -> None:
 def test_every_name_is_generated_and_overridable() -> None:
     body = block(MAIN, "var names = {")
     entries = re.findall(r"^\s*(\w+): (.+)$", body, re.MULTILINE)
-    assert len(entries) == 10
+    assert len(entries) == 12
     for key, expr in entries:
         override = re.match(r"!empty\((\w+)\) \? \1 : '(.+)'$", expr)
         assert override, f"names.{key} has no override parameter: {expr}"
@@ -271,6 +271,7 @@ def test_deployed_defaults_pass_the_code_validation() -> None:
         "storage.outputs.blobEndpoint": "https://stabc.blob.core.windows.net/",
         "redirectUri": "https://func-abc.azurewebsites.net/api/consent/callback",
         "mailbox": "invoices@contoso.com",
+        "mail2blobAuthMode": _auth_mode_for(defaults["authMode"].strip("'")),
     }
     env: dict[str, str] = {}
     for name, expr in deployed_settings().items():
@@ -284,6 +285,33 @@ def test_deployed_defaults_pass_the_code_validation() -> None:
     settings = Settings.from_env(env)
     assert settings.imap_port == 993 and settings.container == "mail"
     assert settings.fic_client_id and settings.client_secret is None
+
+
+def _auth_mode_for(auth_mode_param: str) -> str:
+    """What main.bicep's ``mail2blobAuthMode`` makes of its ``authMode`` parameter."""
+    assert var(MAIN, "mail2blobAuthMode") == "authMode == 'appOnly' ? 'app' : 'delegated'"
+    return "app" if auth_mode_param == "appOnly" else "delegated"
+
+
+def test_auth_mode_parameter_maps_to_the_setting() -> None:
+    allowed = re.search(
+        r"@allowed\(\[\s*'delegated'\s*'appOnly'\s*'both'\s*\]\)\s*@description\([^\n]*\)\s*"
+        r"param authMode",
+        code(MAIN),
+    )
+    assert allowed, "authMode's allowed values changed"
+    assert deployed_settings()["MAIL2BLOB_AUTH_MODE"] == "mail2blobAuthMode"
+    for value in ("delegated", "appOnly", "both"):
+        env = {
+            "MAIL2BLOB_TENANT_ID": "t",
+            "MAIL2BLOB_CLIENT_ID": "c",
+            "MAIL2BLOB_FIC_CLIENT_ID": "mi",
+            "MAIL2BLOB_KEY_VAULT_URL": "https://kv.vault.azure.net",
+            "MAIL2BLOB_MAILBOX": "a@b.example",
+            "MAIL2BLOB_STORAGE": "https://st.blob.core.windows.net",
+            "MAIL2BLOB_AUTH_MODE": _auth_mode_for(value),
+        }
+        assert Settings.from_env(env).auth_mode == _auth_mode_for(value)
 
 
 # --- consent: redirect URI and permissions --------------------------------------------------
@@ -355,7 +383,11 @@ def test_permissions_match_the_notes_and_the_code_scopes() -> None:
     loop = "[for permission in graphDelegatedScopes: { id: permission.id, type: 'Scope' }]"
     assert f"resourceAccess: {loop}" in text
     assert "{ id: exchangeAppRole.id, type: 'Role' }" in text
-    assert "requiredResourceAccess: appOnly ? [exchangeAccess] : [graphAccess]" in text
+    access = "concat(delegated ? [graphAccess] : [], appOnly ? [exchangeAccess] : [])"
+    assert f"requiredResourceAccess: {access}" in text
+    # "both" (sources of either kind) asks for both permissions.
+    assert "var delegated = authMode != 'appOnly'" in text
+    assert "var appOnly = authMode != 'delegated'" in text
     # Admin consent grants exactly the requested scopes / role.
     assert "scope: join(map(graphDelegatedScopes, permission => permission.value), ' ')" in text
     assert "appRoleId: exchangeAppRole.id" in text
@@ -490,3 +522,93 @@ def test_checkov_skips_are_justified() -> None:
                 assert match, f"{path.name}: skip without an id and a reason: {line.strip()}"
                 ids.append(match.group(1))
         assert len(ids) == len(set(ids)), f"{path.name}: a check is skipped twice"
+
+
+# --- fan-out queues and the consent alert (many sources) ------------------------------------
+
+ALERTS = INFRA / "core" / "monitor" / "alerts.bicep"
+
+
+def _app_functions() -> dict:
+    """Function name -> function of a freshly executed function_app.py (``get_functions()`` may
+    be called only once per app object)."""
+    import runpy
+
+    app = runpy.run_path(str(ROOT / "function_app.py"))["app"]
+    return {fn.get_function_name(): fn for fn in app.get_functions()}
+
+
+def test_fan_out_queues_match_the_functions_host_json_and_infra() -> None:
+    from mail2blob import fanout
+
+    functions = _app_functions()
+    bindings = {
+        name: [b.get_dict_repr() for b in fn.get_bindings()] for name, fn in functions.items()
+    }
+
+    def queue_of(function: str, kind: str) -> dict:
+        (found,) = [b for b in bindings[function] if b["type"] == kind]
+        assert found["connection"] == "AzureWebJobsStorage"
+        return found
+
+    assert queue_of("drain_timer", "queue")["queueName"] == fanout.QUEUE_NAME
+    assert queue_of("drain_queue", "queueTrigger")["queueName"] == fanout.QUEUE_NAME
+    # Our poison records go where the host itself moves messages after maxDequeueCount.
+    assert queue_of("drain_queue", "queue")["queueName"] == fanout.POISON_QUEUE_NAME
+    assert fanout.POISON_QUEUE_NAME == fanout.QUEUE_NAME + "-poison"
+
+    # The worker refuses to load a function whose annotations its converters reject (it knows
+    # typing.List[str], not list[str], for a queue output of several messages).
+    import typing
+
+    from azure.functions.queue import QueueMessageInConverter, QueueMessageOutConverter
+
+    user = {name: fn.get_user_function() for name, fn in functions.items()}
+    timer_out = typing.get_type_hints(user["drain_timer"])["drains"]
+    assert QueueMessageOutConverter.check_output_type_annotation(typing.get_args(timer_out)[0])
+    queue_hints = typing.get_type_hints(user["drain_queue"])
+    assert QueueMessageInConverter.check_input_type_annotation(queue_hints["msg"])
+    poison_out = typing.get_args(queue_hints["poison"])[0]
+    assert QueueMessageOutConverter.check_output_type_annotation(poison_out)
+
+    names = re.findall(r"'([\w-]+)'", block(MAIN, "var drainQueueNames = ["))
+    assert names == [fanout.QUEUE_NAME, fanout.POISON_QUEUE_NAME]
+    assert "queueNames: drainQueueNames" in code(MAIN)
+    assert "for queueName in queueNames" in code(STORAGE)
+
+    host = json.loads((ROOT / "host.json").read_text(encoding="utf-8"))
+    queues = host["extensions"]["queues"]
+    assert queues["maxDequeueCount"] == 3 == fanout.max_dequeue_count(ROOT / "host.json")
+    assert queues["messageEncoding"] == "base64"
+    # At most this many drains run at once on one instance (memory: ~40 MB each).
+    assert queues["batchSize"] + queues["newBatchThreshold"] <= 8
+    assert params(MAIN)["maximumInstanceCount"] == "40"
+
+
+def test_consent_alert_matches_the_logged_event(caplog: pytest.LogCaptureFixture) -> None:
+    from mail2blob import fanout
+    from mail2blob.sources import Source
+
+    query = string_var(ALERTS, "consentQuery")
+    assert query.startswith(f'traces | where message startswith "{fanout.CONSENT_EVENT}"')
+    # The dimensions the rule splits on are extracted the way the engine writes the line.
+    with caplog.at_level("ERROR", logger="mail2blob.fanout"):
+        fanout.log_consent_failure(Source("invoices", "invoices@contoso.com"), "AADSTS50173")
+    (line,) = [r.getMessage() for r in caplog.records]
+    for name, value in (("source", "invoices"), ("aadsts", "AADSTS50173")):
+        pattern = re.search(rf'extract\("({name}=[^"]+)", 1, message\)', query).group(1)
+        assert re.search(pattern, line).group(1) == value
+
+    alerts = code(ALERTS)
+    assert "emailAddress: alertEmail" in alerts
+    assert re.search(r"actionGroups: \[\s*actionGroup\.id\s*\]", alerts)
+    assert re.search(r"scopes: \[\s*applicationInsightsId\s*\]", alerts)
+    assert "muteActionsDuration: muteActionsDuration" in alerts and "autoMitigate: false" in alerts
+    # No e-mail address, no action group and no rule.
+    assert params(MAIN)["alertEmail"] == "''"
+    assert "module alerts 'core/monitor/alerts.bicep' = if (!empty(alertEmail)) {" in code(MAIN)
+    assert "applicationInsightsId: monitoring.outputs.applicationInsightsId" in code(MAIN)
+    # Adaptive sampling must never drop the event the alert looks for.
+    host = json.loads((ROOT / "host.json").read_text(encoding="utf-8"))
+    sampling = host["logging"]["applicationInsights"]["samplingSettings"]
+    assert "Trace" in sampling["excludedTypes"].split(";")

@@ -21,8 +21,9 @@ param issuer string
 @allowed([
   'delegated'
   'appOnly'
+  'both'
 ])
-@description('delegated: a user consents once to IMAP.AccessAsUser.All; appOnly: IMAP.AccessAsApp, no user.')
+@description('delegated: a user consents once to IMAP.AccessAsUser.All; appOnly: IMAP.AccessAsApp, no user; both: sources of either kind (.mail2blob/sources.json).')
 param authMode string = 'delegated'
 
 @description('Grant tenant-wide admin consent now (the deployer needs Cloud Application Administrator or Application Administrator).')
@@ -45,7 +46,8 @@ var graphDelegatedScopes = [
 // (token scope https://outlook.office365.com/.default).
 var exchangeAppRole = { value: 'IMAP.AccessAsApp', id: '5e5addcd-3e8d-4e90-baf5-964efab2b20a' }
 
-var appOnly = authMode == 'appOnly'
+var delegated = authMode != 'appOnly'
+var appOnly = authMode != 'delegated'
 
 var graphAccess = {
   resourceAppId: graphAppId
@@ -71,7 +73,7 @@ resource app 'Microsoft.Graph/applications@v1.0' = {
       enableIdTokenIssuance: false
     }
   }
-  requiredResourceAccess: appOnly ? [exchangeAccess] : [graphAccess]
+  requiredResourceAccess: concat(delegated ? [graphAccess] : [], appOnly ? [exchangeAccess] : [])
 
   resource managedIdentityCredential 'federatedIdentityCredentials@v1.0' = {
     name: '${app.uniqueName}/function-app-managed-identity'
@@ -89,7 +91,7 @@ resource servicePrincipal 'Microsoft.Graph/servicePrincipals@v1.0' = {
   appId: app.appId
 }
 
-resource graphServicePrincipal 'Microsoft.Graph/servicePrincipals@v1.0' existing = if (grantAdminConsent && !appOnly) {
+resource graphServicePrincipal 'Microsoft.Graph/servicePrincipals@v1.0' existing = if (grantAdminConsent && delegated) {
   appId: graphAppId
 }
 
@@ -98,7 +100,7 @@ resource exchangeServicePrincipal 'Microsoft.Graph/servicePrincipals@v1.0' exist
 }
 
 // Tenant-wide admin consent for the delegated scopes (what the portal's "Grant admin consent" does).
-resource delegatedGrant 'Microsoft.Graph/oauth2PermissionGrants@v1.0' = if (grantAdminConsent && !appOnly) {
+resource delegatedGrant 'Microsoft.Graph/oauth2PermissionGrants@v1.0' = if (grantAdminConsent && delegated) {
   clientId: servicePrincipal.id
   consentType: 'AllPrincipals'
   resourceId: graphServicePrincipal.id

@@ -23,6 +23,9 @@ param skuName string = 'Standard_GRS'
 @description('Blob containers to create (all private).')
 param containerNames array
 
+@description('Storage queues to create (mail2blob\'s fan-out queue and its poison queue).')
+param queueNames array = []
+
 @description('Days a deleted blob or container stays recoverable.')
 @minValue(1)
 @maxValue(365)
@@ -93,6 +96,17 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
       }
     ]
   }
+}
+
+resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' = {
+  parent: storage
+  name: 'default'
+
+  resource queues 'queues' = [
+    for queueName in queueNames: {
+      name: queueName
+    }
+  ]
 }
 
 output id string = storage.id
