@@ -104,8 +104,17 @@ def consent_start(req: func.HttpRequest) -> func.HttpResponse:
     except ValueError:
         return _problem("Bad request", "The request's Host header is not a host name.", 400)
     login_hint = (req.params.get("login_hint") or "").strip()[:256] or None
+    source_id = (req.params.get("source") or "").strip()[:64] or None
+    mailbox = (req.params.get("mailbox") or "").strip()[:256] or None
     try:
-        started = consent.for_settings(settings).start(redirect_uri, login_hint=login_hint)
+        chosen = consent.for_source(settings, source_id=source_id, mailbox=mailbox)
+    except SettingsError as exc:  # unknown or ambiguous ?source= / ?mailbox=
+        return _problem("Unknown mailbox", "; ".join(exc.problems), 400)
+    except Mail2BlobError as exc:
+        logger.error("consent could not start: %s", exc)
+        return _problem("Consent is unavailable right now", f"{exc}. Try again in a minute.", 503)
+    try:
+        started = chosen.start(redirect_uri, login_hint=login_hint or mailbox)
     except Mail2BlobError as exc:
         logger.error("consent could not start: %s", exc)
         return _problem("Consent is unavailable right now", f"{exc}. Try again in a minute.", 503)
@@ -126,7 +135,16 @@ def consent_callback(req: func.HttpRequest) -> func.HttpResponse:
         settings = Settings.from_env()
     except SettingsError as exc:
         return _settings_problem(exc)
-    result = consent.for_settings(settings).finish(_flow_id(req), _callback_params(req))
+    flow_id = _flow_id(req)
+    try:
+        source_id = consent.flow_source(settings, flow_id)
+        chosen = consent.for_source(
+            settings, source_id=source_id if source_id not in (None, "default") else None
+        )
+    except Mail2BlobError as exc:
+        logger.error("consent callback: %s", exc)
+        return _problem("Consent is unavailable right now", f"{exc}. Try again in a minute.", 503)
+    result = chosen.finish(flow_id, _callback_params(req))
     extra = {}
     if result.outcome.consumed:
         path = posixpath.dirname(urlsplit(req.url).path.rstrip("/")) or DEFAULT_COOKIE_PATH

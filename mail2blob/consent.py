@@ -350,11 +350,13 @@ class Consent:
         flows: FlowStore,
         token_store: TokenStore,
         *,
+        source_id: str = "default",
         app_factory: Callable[[msal.SerializableTokenCache], msal.ClientApplication] | None = None,
         imap_factory: Callable[[Any], Any] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.source_id = source_id
         self.flows = flows
         self.token_store = token_store
         self._app_factory = app_factory or (lambda cache: build_msal_app(settings, cache))
@@ -388,7 +390,13 @@ class Consent:
         expires_at = now + FLOW_TTL_S
         self.flows.put(
             flow_id,
-            {"version": 1, "flow": flow, "created_at": now, "expires_at": expires_at},
+            {
+                "version": 1,
+                "source": self.source_id,
+                "flow": flow,
+                "created_at": now,
+                "expires_at": expires_at,
+            },
         )
         logger.info(
             "consent started for %s (redirect URI %s, valid %d s)",
@@ -585,7 +593,7 @@ class Consent:
         return ConsentResult(outcome, self.settings.mailbox, detail, **fields)
 
 
-def for_settings(settings: Settings) -> Consent:
+def for_settings(settings: Settings, *, source_id: str = "default") -> Consent:
     """The Function App's consent: flows as blobs in the archive container, tokens in Key Vault."""
     from . import clients
 
@@ -593,7 +601,45 @@ def for_settings(settings: Settings) -> Consent:
         settings,
         BlobFlowStore(clients.container_client(settings)),
         clients.token_store(settings),
+        source_id=source_id,
     )
+
+
+def for_source(
+    settings: Settings, *, source_id: str | None = None, mailbox: str | None = None
+) -> Consent:
+    """Consent for one delegated source of ``.mail2blob/sources.json``, picked by id (the
+    consent link's ``?source=``) or by mailbox (``?mailbox=``); the settings' own mailbox when
+    neither is given. Raises ``SourcesError`` when the choice is unknown or ambiguous."""
+    from .sources import SourcesError, load_sources
+
+    if not source_id and not mailbox:
+        return for_settings(settings)
+    sources = load_sources(settings)
+    if source_id:
+        chosen = [s for s in sources.sources if s.id == source_id]
+    else:
+        chosen = list(sources.for_mailbox(mailbox or ""))
+    chosen = [s for s in chosen if s.auth == "delegated"]
+    if not chosen:
+        wanted = f"source {source_id!r}" if source_id else f"mailbox {mailbox!r}"
+        raise SourcesError([f"no delegated source drains {wanted}"])
+    if len({s.token_secret or settings.token_secret for s in chosen}) > 1:
+        ids = ", ".join(s.id for s in chosen)
+        raise SourcesError([f"mailbox {mailbox!r} has several sources ({ids}): add ?source=<id>"])
+    source = chosen[0]
+    return for_settings(source.settings(settings), source_id=source.id)
+
+
+def flow_source(settings: Settings, flow_id: str | None) -> str | None:
+    """The source a stored flow was started for (``None`` when there is no such flow): the
+    callback needs it to store the token in that source's secret."""
+    from . import clients
+
+    if not flow_id:
+        return None
+    stored = BlobFlowStore(clients.container_client(settings)).load(flow_id)
+    return str(stored.record.get("source") or "default") if stored else None
 
 
 def callback_uri(request_url: str, headers: Mapping[str, str], settings: Settings) -> str:

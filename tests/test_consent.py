@@ -372,6 +372,35 @@ def test_delegate_consents_for_a_shared_mailbox(stack, env, functions, monkeypat
     assert text_of(response, "account") == c.MAILBOX
 
 
+def test_consent_link_for_one_mailbox_of_many_stores_that_sources_secret(stack, env, functions):
+    """``?mailbox=`` picks the delegated source from .mail2blob/sources.json; the token lands in
+    that source's own secret and nowhere else."""
+    import json
+
+    from mail2blob import clients
+    from mail2blob.sources import SOURCES_BLOB
+
+    sources = {
+        "sources": [
+            {"id": "archive", "mailbox": c.MAILBOX, "token_secret": "token-archive"},
+            {"id": "shared", "mailbox": c.SHARED_MAILBOX, "token_secret": "token-shared"},
+        ]
+    }
+    container = clients.container_client(Settings.from_env(env))
+    container.upload_blob(SOURCES_BLOB, json.dumps(sources), overwrite=True)
+
+    flow_id, authorize = begin(functions, mailbox=c.SHARED_MAILBOX)
+    response = callback(functions, sign_in(stack, authorize, c.MAILBOX), flow_id)
+
+    assert outcome(response) == "saved", page(response)
+    assert text_of(response, "mailbox") == c.SHARED_MAILBOX
+    assert stack.keyvault.versions("token-shared") and not stack.keyvault.versions("token-archive")
+    assert stored_cache(stack) is None  # the settings' own secret is untouched
+
+    unknown = start(functions, mailbox="nobody@contoso.example")
+    assert unknown.status_code == 400 and "no delegated source" in page(unknown)
+
+
 # ---------------------------------------------------------------------------- refused
 
 
