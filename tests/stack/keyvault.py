@@ -688,6 +688,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             split.query,
             (authorization or "").lower().startswith("bearer "),
         )
+        self._seen: SeenRequest | None = seen
         seen.status = self._answer(vault, split.path, split.query, authorization, body)
         logger.debug("Key Vault stand-in: %s %s -> %s", self.command, split.path, seen.status)
 
@@ -749,6 +750,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self, status: int, payload: dict[str, Any] | None, headers: dict[str, str] | None = None
     ) -> None:
         data = b"" if payload is None else json.dumps(payload).encode()
+        seen = getattr(self, "_seen", None)
+        if seen is not None:  # recorded before the client can see the reply: tests read it then
+            seen.status = status
         try:
             self.send_response(status)
             self.send_header("Content-Length", str(len(data)))
