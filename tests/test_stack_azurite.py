@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -72,11 +71,8 @@ def test_restart_keeps_ports_and_loses_data(tmp_path: Path) -> None:
     """A private instance: restarting the session one would lose other tests' containers."""
     debug_log = tmp_path / "debug.log"
     server = Azurite(tmp_path / "azurite", debug_log=debug_log)
-    started = time.monotonic()
     server.start()
     try:
-        start_seconds = time.monotonic() - started
-        assert start_seconds < 15
         container = server.fresh_container()
         ports = (server.blob_port, server.queue_port, server.table_port)
 
