@@ -8,12 +8,16 @@ Heavy SDK imports happen here, on first use, not at import time (Functions cold 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
 from .settings import Settings
 from .tls import ca_bundle_path, ssl_context
+
+logger = logging.getLogger(__name__)
 
 #: Key Vault DNS suffixes of the Azure clouds. For these the SDK verifies that the challenge's
 #: resource matches the vault's domain; other hosts (a private DNS name, the local stack) cannot
@@ -62,37 +66,105 @@ def secret_client(settings: Settings) -> Any:
     )
 
 
-def blob_service_client(settings: Settings) -> Any:
-    """The drain's client. The proxy and CA variables of the environment are read here, once:
-    left to requests (``trust_env``), they are re-read, and ``~/.netrc`` looked for, on every one
-    of a drain's thousands of PUTs, which cost ~10% of its CPU (``docs/performance.md``)."""
-    import requests.utils
-    from azure.storage.blob import BlobServiceClient
+def blob_service_client(settings: Settings, *, aio: bool = False) -> Any:
+    return _storage_client(settings, None, aio=aio)
 
+
+def container_client(settings: Settings, *, aio: bool = False) -> Any:
+    """The archive container. Made directly, not from a service client, so that closing it
+    closes its connections (an aio client must be closed)."""
+    return _storage_client(settings, settings.container, aio=aio)
+
+
+def _storage_client(settings: Settings, container: str | None, *, aio: bool) -> Any:
+    """A ``BlobServiceClient`` (or with ``container`` a ``ContainerClient``); ``aio``: from
+    ``azure.storage.blob.aio`` (needs aiohttp; make it on the event loop that will use it).
+
+    The proxy and CA variables of the environment are read here, once: left to requests
+    (``trust_env``), they are re-read, and ``~/.netrc`` looked for, on every one of a drain's
+    thousands of PUTs, which cost ~10% of its CPU (``docs/performance.md``)."""
+    import requests.utils
+
+    if aio:
+        import azure.storage.blob.aio as blob
+
+        credential: Any = AsyncCredential(azure_credential())
+    else:
+        import azure.storage.blob as blob  # type: ignore[no-redef]
+
+        credential = azure_credential()
+    cls = blob.ContainerClient if container else blob.BlobServiceClient
+    names = (container,) if container else ()
     options: dict[str, Any] = {
         "max_single_put_size": MAX_SINGLE_PUT,
         "max_block_size": MAX_BLOCK,
         "use_env_settings": False,
-        **_transport_options(settings),
     }
-    env_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if env_bundle and "connection_verify" not in options:
-        options["connection_verify"] = env_bundle
+    bundle = (
+        ca_bundle_path(settings.ca_bundle)
+        or os.environ.get("REQUESTS_CA_BUNDLE")
+        or os.environ.get("CURL_CA_BUNDLE")
+    )
+    if bundle and aio:
+        options["transport"] = _aiohttp_transport(bundle)
+    elif bundle:
+        options["connection_verify"] = bundle
 
     def build(**extra: Any) -> Any:
         if settings.storage_is_connection_string:
-            return BlobServiceClient.from_connection_string(settings.storage, **options, **extra)
-        return BlobServiceClient(
-            settings.storage, credential=azure_credential(), **options, **extra
-        )
+            return cls.from_connection_string(settings.storage, *names, **options, **extra)
+        return cls(settings.storage, *names, credential=credential, **options, **extra)
 
     client = build()
     proxies = requests.utils.get_environ_proxies(client.url)  # honours NO_PROXY
     return build(proxies=proxies) if proxies else client
 
 
-def container_client(settings: Settings) -> Any:
-    return blob_service_client(settings).get_container_client(settings.container)
+def _aiohttp_transport(cafile: str) -> Any:
+    """azure-core's aiohttp transport would build an SSL context from ``connection_verify`` on
+    every request, and aiohttp open a new connection for each: one context for all instead."""
+    import ssl
+
+    import aiohttp
+    from azure.core.pipeline.transport import AioHttpTransport
+
+    connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=cafile))
+    session = aiohttp.ClientSession(connector=connector, trust_env=False)
+    return AioHttpTransport(session=session, session_owner=True)
+
+
+def async_container_factory(settings: Settings) -> Callable[[], Any] | None:
+    """Makes the archive container as an ``azure.storage.blob.aio`` client, for the drain's
+    uploads; ``None`` without aiohttp (the drain then uploads from threads, more slowly)."""
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        logger.warning("aiohttp is not installed: uploading from threads, which is slower")
+        return None
+    return functools.partial(container_client, settings, aio=True)
+
+
+class AsyncCredential:
+    """The sync credential behind the SDK's async protocol, for the aio blob client: one
+    credential (and token cache) for the whole run. A token request runs in a worker thread, so
+    it never stalls the uploads' event loop."""
+
+    def __init__(self, credential: Any) -> None:
+        self._credential = credential
+
+    async def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        import asyncio
+
+        return await asyncio.to_thread(self._credential.get_token, *scopes, **kwargs)
+
+    async def close(self) -> None:
+        """Nothing to close: the sync credential is shared and outlives the client."""
+
+    async def __aenter__(self) -> AsyncCredential:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 def token_store(settings: Settings) -> Any:

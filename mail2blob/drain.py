@@ -19,15 +19,16 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .blob_destination import (
     BlobDestination,
     Outcome,
     StoredBlob,
+    Uploads,
     ascii_safe,
     blob_name,
     message_metadata,
@@ -37,6 +38,9 @@ from .checkpoint import CheckpointStore, FolderState, MailboxLease, MailboxState
 from .errors import DestinationError, Mail2BlobError, SourceError, SourceThrottledError
 from .imap_source import ImapSource, Message, SessionLostError
 from .settings import PostAction, Settings
+
+if TYPE_CHECKING:
+    from .sources import Source
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +55,14 @@ class DrainOptions:
     #: Messages above this are fetched in pieces into a spool file, never held whole.
     large_message_bytes: int = 8 * 1024 * 1024
     chunk_bytes: int = 4 * 1024 * 1024
-    upload_concurrency: int = 8
+    #: Uploads in flight; ``None``: the destination's default (32 on its event loop, 8 threads).
+    upload_concurrency: int | None = None
     imap_attempts: int = 4
     max_backoff_s: float = 60.0
+    #: Blob names start with this (a source's prefix); ``None``: the mailbox address.
+    blob_prefix: str | None = None
+    #: Extra IMAP SEARCH criteria combined with the UID range (a source's filters).
+    search: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -165,19 +174,19 @@ class Drain:
         state: MailboxState | None = None
         try:
             # Token and login first: when consent is needed, nothing anywhere changes.
-            self.source.connect()
+            self._imap("", self.source.ensure_fresh, select=False)  # connect, with retries
             self.destination.ensure_container()
             if self.lease:
                 self.lease.acquire()
             state = self.checkpoint.load()
             if self.options.after.kind == "move":
                 self.source.ensure_folder(self.options.after.folder or "")
-            with ThreadPoolExecutor(self.options.upload_concurrency, "upload") as pool:
+            with self.destination.uploads(self.options.upload_concurrency) as uploads:
                 for index, folder in enumerate(self.options.folders):
                     if self._out_of_time():
                         self._count_backlog(self.options.folders[index:], state)
                         break
-                    self._drain_folder(folder, state, pool)
+                    self._drain_folder(folder, state, uploads)
                 else:
                     self.result.complete = self.result.backlog == 0
         except Mail2BlobError as exc:
@@ -193,7 +202,7 @@ class Drain:
                 self.lease.release()
         return self.result
 
-    def _drain_folder(self, folder: str, state: MailboxState, pool: ThreadPoolExecutor) -> None:
+    def _drain_folder(self, folder: str, state: MailboxState, uploads: Uploads) -> None:
         info = self._imap(folder, lambda: self.source.select(folder), select=False)
         fstate = state.folder(folder)
         fresult = self.result.folders.setdefault(folder, FolderResult())
@@ -211,7 +220,9 @@ class Drain:
         self._expected_uidvalidity = info.uidvalidity
         fresult.uidvalidity = info.uidvalidity
 
-        new = self._imap(folder, lambda: self.source.uids_after(fstate.last_uid))
+        new = self._imap(
+            folder, lambda: self.source.uids_after(fstate.last_uid, self.options.search)
+        )
         retry = self._imap(folder, lambda: self.source.existing(int(u) for u in fstate.failed))
         for gone in set(fstate.failed) - {str(u) for u in retry}:
             logger.info("%s/%s: failed message uid %s no longer exists", self.mailbox, folder, gone)
@@ -227,8 +238,8 @@ class Drain:
                 break
             if self.lease:
                 self.lease.check()
-            self.source.ensure_fresh()
-            batch = self._fetch_and_upload(folder, uids, sizes, pool)
+            self._imap(folder, self.source.ensure_fresh)
+            batch = self._fetch_and_upload(folder, uids, sizes, uploads)
             if pending:
                 self._finish(pending, state)
             pending = batch
@@ -263,15 +274,15 @@ class Drain:
             yield batch
 
     def _fetch_and_upload(
-        self, folder: str, uids: list[int], sizes: dict[int, int], pool: ThreadPoolExecutor
+        self, folder: str, uids: list[int], sizes: dict[int, int], uploads: Uploads
     ) -> _Batch:
         if len(uids) == 1 and sizes.get(uids[0], 0) > self.options.large_message_bytes:
             items = self._fetch_large(folder, uids[0])
         else:
             messages = self._imap(folder, lambda: self.source.fetch(uids))
             items = [_Fetched(m, m.body, sha256_hex(m.body)) for m in messages]
-        uploads = [pool.submit(self._store, folder, item) for item in items]
-        return _Batch(folder, uids, items, uploads)
+        futures = [self._store(uploads, folder, item) for item in items]
+        return _Batch(folder, uids, items, futures)
 
     def _fetch_large(self, folder: str, uid: int) -> list[_Fetched]:
         spool = tempfile.SpooledTemporaryFile(max_size=self.options.chunk_bytes)  # noqa: SIM115
@@ -290,7 +301,17 @@ class Drain:
         spool.seek(0)
         return [_Fetched(message, spool, hashing.hexdigest())]
 
-    def _store(self, folder: str, item: _Fetched) -> StoredBlob:
+    def _store(self, uploads: Uploads, folder: str, item: _Fetched) -> Future[StoredBlob]:
+        try:
+            name, length, metadata = self._describe(folder, item)
+        except Exception as exc:  # noqa: BLE001 - recorded as the message's failure
+            failed: Future[StoredBlob] = Future()
+            failed.set_exception(exc)
+            return failed
+        return uploads.submit(name, item.data, length=length, metadata=metadata)
+
+    def _describe(self, folder: str, item: _Fetched) -> tuple[str, int, dict[str, str]]:
+        """The blob's name, length and metadata."""
         message = item.message
         data = item.data
         if isinstance(data, bytes):
@@ -310,8 +331,9 @@ class Drain:
             uid=str(message.uid),
             uidvalidity=str(self._expected_uidvalidity),
         )
-        name = blob_name(self.mailbox, folder, message.internaldate, item.sha256)
-        return self.destination.store(name, data, length=length, metadata=metadata)
+        prefix = self.options.blob_prefix or self.mailbox
+        name = blob_name(prefix, folder, message.internaldate, item.sha256)
+        return name, length, metadata
 
     def _finish(self, batch: _Batch, state: MailboxState) -> None:
         """Wait for the batch's uploads, post-action what is stored, then checkpoint."""
@@ -369,21 +391,26 @@ class Drain:
 
     def _imap(self, folder: str, operation: Callable[[], Any], *, select: bool = True) -> Any:
         """Run an IMAP step, reconnecting after a lost session and backing off when throttled,
-        within the attempts and the time budget."""
+        within the attempts. A failed reconnect counts as an attempt and is retried too (a
+        restarting server refuses connections for a moment)."""
         attempt = 0
+        reconnect: bool | None = None  # None: connected; else reconnect (True: fresh token)
         while True:
             attempt += 1
             try:
+                if reconnect is not None:
+                    self.source.connect(force_refresh=reconnect)
+                    self.source.reconnects += 1
+                    if select:
+                        self._reselect(folder)
+                    reconnect = None
                 return operation()
             except SessionLostError as exc:
                 if attempt >= self.options.imap_attempts:
                     raise
                 logger.warning("%s; reconnecting (attempt %d)", exc, attempt)
                 self._sleep(min(2 ** (attempt - 1) * 0.5, self.options.max_backoff_s))
-                self.source.connect(force_refresh="TokenExpired" in str(exc))
-                self.source.reconnects += 1
-                if select:
-                    self._reselect(folder)
+                reconnect = bool(reconnect) or "TokenExpired" in str(exc)
             except SourceThrottledError as exc:
                 if attempt >= self.options.imap_attempts:
                     raise
@@ -407,7 +434,7 @@ class Drain:
                 info = self.source.select(folder)
                 fstate = state.folder(folder)
                 last = fstate.last_uid if fstate.uidvalidity == info.uidvalidity else 0
-                count = len(self.source.uids_after(last))
+                count = len(self.source.uids_after(last, self.options.search))
             except SourceError as exc:
                 logger.info("backlog of %s unknown: %s", folder, exc)
                 continue
@@ -451,26 +478,39 @@ def _is_transport_error(exc: BaseException) -> bool:
 
 def _failure_reason(exc: BaseException) -> str:
     code = getattr(exc, "error_code", None)
+    code = getattr(code, "value", code)  # StorageErrorCode.INVALID_METADATA -> InvalidMetadata
     status = getattr(exc, "status_code", None)
     if code or status:
         return f"{type(exc).__name__}: {code or ''} (HTTP {status})".replace(":  (", ": (")
     return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
-def drain_mailbox(settings: Settings, *, progress: Progress | None = None) -> DrainResult:
-    """One drain of the configured mailbox with clients built from ``settings``: the entry point
-    of the timer function and ``python -m mail2blob drain``."""
+def drain_mailbox(
+    settings: Settings, *, progress: Progress | None = None, source: Source | None = None
+) -> DrainResult:
+    """One drain of ``source`` (default: the one source the ``MAIL2BLOB_*`` settings describe)
+    with clients built from ``settings``: the entry point of the queue function and
+    ``python -m mail2blob drain``."""
     from . import clients
+    from .sources import default_source
 
+    source = source or default_source(settings)
+    settings = source.settings(settings)
     container = clients.container_client(settings)
     drain = Drain(
         mailbox=settings.mailbox,
         source=clients.imap_source(settings),
-        destination=BlobDestination(container),
-        checkpoint=CheckpointStore(container, settings.mailbox),
-        lease=MailboxLease(container, settings.mailbox),
+        destination=BlobDestination(
+            container, async_container=clients.async_container_factory(settings)
+        ),
+        checkpoint=CheckpointStore(container, source.state_key),
+        lease=MailboxLease(container, source.state_key),
         options=DrainOptions(
-            folders=settings.folders, after=settings.after, time_budget_s=settings.time_budget_s
+            folders=settings.folders,
+            after=settings.after,
+            time_budget_s=settings.time_budget_s,
+            blob_prefix=source.blob_prefix,
+            search=source.filters.criteria(),
         ),
         progress=progress,
     )
