@@ -37,10 +37,17 @@ class TokenError(Mail2BlobError):
     """The identity platform refused a request for a reason consent cannot fix (configuration,
     credentials, throttling)."""
 
+    #: ``error`` values worth another try: throttling, server errors, no answer.
+    TRANSIENT = frozenset({"temporarily_unavailable", "server_error", "unreachable"})
+
     def __init__(self, message: str, *, aadsts: str | None = None, error: str | None = None):
         self.aadsts = aadsts
         self.error = error
         super().__init__(message)
+
+    @property
+    def transient(self) -> bool:
+        return self.error in self.TRANSIENT
 
 
 class TokenStoreError(Mail2BlobError):

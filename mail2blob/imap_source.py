@@ -10,7 +10,7 @@ import contextlib
 import logging
 import re
 import ssl
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -93,9 +93,14 @@ class ImapSource:
                 ssl_context=self._ssl_context,
                 timeout=self._timeout,
             )
-        except (OSError, ssl.SSLError) as exc:
+        except ssl.SSLCertVerificationError as exc:
             raise SourceError(
                 f"cannot connect to IMAP server {self.host}:{self.port}: {exc}"
+            ) from None
+        except (OSError, imapclient.IMAPClient.Error) as exc:
+            # Refused, reset, or closed before the greeting (a restarting server): retryable.
+            raise SessionLostError(
+                f"cannot connect to IMAP server {self.host}:{self.port}: {_text(exc)}"
             ) from None
         # imapclient sets imaplib's debug level to 5, which formats every literal for a debug
         # log even when logging is off: 4x slower fetches and twice the memory.
@@ -105,21 +110,32 @@ class ImapSource:
             client.oauth2_login(self.mailbox, token.token)
         except imapclient.exceptions.LoginError as exc:
             _safe_logout(client)
+            if isinstance(exc.__context__, imapclient.IMAPClient.AbortError | OSError):
+                # imapclient turns a connection lost during AUTHENTICATE into a LoginError too
+                raise SessionLostError(
+                    f"IMAP connection to {self.host} lost during login: {_text(exc)}"
+                ) from None
             raise LoginRefusedError(
-                login_refused_message(self.mailbox, token.username, exc)
+                login_refused_message(self.mailbox, token.username, exc, app_only=token.app_only)
             ) from None
         except (imapclient.IMAPClient.Error, OSError) as exc:
             _safe_logout(client)
             text = _text(exc)
+            if isinstance(exc, imapclient.IMAPClient.AbortError | OSError):
+                raise SessionLostError(
+                    f"IMAP connection to {self.host} lost during login: {text}"
+                ) from None
             if "not connected" in text.lower():
                 raise LoginRefusedError(
-                    login_refused_message(self.mailbox, token.username, exc)
+                    login_refused_message(
+                        self.mailbox, token.username, exc, app_only=token.app_only
+                    )
                 ) from None
             raise SourceError(f"IMAP login to {self.host} failed: {text}") from None
         self._client = client
         self._token = token
         self._selected = None
-        self.capabilities = frozenset(client.capabilities())
+        self.capabilities = frozenset(self._call(lambda c: c.capabilities(), "CAPABILITY"))
         logger.info("IMAP: logged in to %s as %s", self.host, self.mailbox)
 
     def ensure_fresh(self) -> None:
@@ -156,9 +172,12 @@ class ImapSource:
         self._selected = folder
         return FolderInfo(folder, int(info[b"UIDVALIDITY"]), int(info.get(b"EXISTS", 0)))
 
-    def uids_after(self, last_uid: int) -> list[int]:
-        """UIDs greater than ``last_uid``, ascending (``n:*`` also matches the highest UID)."""
-        uids = self._call(lambda c: c.search(["UID", f"{last_uid + 1}:*"]), "UID SEARCH")
+    def uids_after(self, last_uid: int, criteria: Sequence[Any] = ()) -> list[int]:
+        """UIDs greater than ``last_uid``, ascending (``n:*`` also matches the highest UID),
+        narrowed by extra SEARCH ``criteria`` (a source's filters: UNSEEN, SINCE, FROM...)."""
+        query = ["UID", f"{last_uid + 1}:*", *criteria]
+        charset = None if all(str(c).isascii() for c in criteria) else "UTF-8"
+        uids = self._call(lambda c: c.search(query, charset=charset), "UID SEARCH")
         return sorted(u for u in uids if u > last_uid)
 
     def existing(self, uids: Iterable[int]) -> list[int]:
@@ -283,8 +302,20 @@ class SessionLostError(SourceError):
     """The IMAP session ended (``BYE``, connection reset); reconnecting may fix it."""
 
 
-def login_refused_message(mailbox: str, signed_in_as: str, exc: Exception) -> str:
+def login_refused_message(
+    mailbox: str, signed_in_as: str, exc: Exception, *, app_only: bool = False
+) -> str:
     text = _text(exc)
+    if app_only:
+        return (
+            f"the IMAP server refused the app-only XOAUTH2 login to {mailbox} ({signed_in_as}): "
+            f"{text}. Likely causes: Exchange Online does not know the app's service principal "
+            "(New-ServicePrincipal -AppId <client id> -ServiceId <object id of the enterprise "
+            "application, not of the app registration>), or it has no FullAccess on the mailbox "
+            f"(Add-MailboxPermission -Identity {mailbox} -User <that object id> -AccessRights "
+            "FullAccess), or IMAP.AccessAsApp lacks admin consent, or IMAP is disabled for "
+            "the mailbox"
+        )
     who = f"the token belongs to {signed_in_as}" if signed_in_as else "the token's account"
     causes = [
         "IMAP is disabled for the mailbox (Exchange admin center > mailbox > Manage email apps > "

@@ -36,14 +36,23 @@ def ca_bundle_path(extra_ca: str | None) -> str | None:
     digest = hashlib.sha256(combined).hexdigest()[:16]
     path = Path(tempfile.gettempdir()) / f"mail2blob-ca-{digest}.pem"
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(combined)
-        tmp.replace(path)
+        # A temporary name of its own: concurrent runs (threads, processes) each write theirs
+        # and the atomic replace leaves one complete file, whoever wins.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with open(fd, "wb") as out:
+            out.write(combined)
+        Path(tmp).chmod(0o644)
+        Path(tmp).replace(path)
     return str(path)
 
 
+#: (connect, read) seconds for MSAL's requests: requests waits forever by default, so a hung
+#: identity platform would hold a run until the Functions host kills it.
+HTTP_TIMEOUT = (10, 30)
+
+
 def http_session(extra_ca: str | None):
-    """A ``requests.Session`` for MSAL that trusts ``extra_ca``.
+    """A ``requests.Session`` for MSAL that trusts ``extra_ca`` and times out.
 
     requests lets ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` override a session's ``verify``, so when
     an extra CA is configured the session ignores the environment and takes its proxies explicitly.
@@ -51,6 +60,8 @@ def http_session(extra_ca: str | None):
     import requests
 
     session = requests.Session()
+    # requests has no session-wide timeout; MSAL documents this way of giving one.
+    session.request = functools.partial(session.request, timeout=HTTP_TIMEOUT)  # type: ignore[method-assign]
     bundle = ca_bundle_path(extra_ca)
     if bundle:
         session.trust_env = False
