@@ -236,7 +236,7 @@ _T = TypeVar("_T")
 class AsyncUploads(Uploads):
     """``azure.storage.blob.aio`` on an event loop in one background thread. Per message it costs
     a quarter less client CPU than the sync client from threads, and it does not fight the IMAP
-    reader for the GIL: the drain keeps up with the storage (``docs/performance.md``)."""
+    reader for the GIL: the drain keeps up with the storage (README "Performance")."""
 
     def __init__(
         self, destination: BlobDestination, make_container: Callable[[], Any], in_flight: int

@@ -82,7 +82,7 @@ def _storage_client(settings: Settings, container: str | None, *, aio: bool) -> 
 
     The proxy and CA variables of the environment are read here, once: left to requests
     (``trust_env``), they are re-read, and ``~/.netrc`` looked for, on every one of a drain's
-    thousands of PUTs, which cost ~10% of its CPU (``docs/performance.md``)."""
+    thousands of PUTs, which cost ~10% of its CPU (README "Performance")."""
     import requests.utils
 
     if aio:
