@@ -13,7 +13,7 @@ import pytest
 from tests.reliability import report
 from tests.reliability.proxy import Proxy, client_context, server_context
 
-#: Also writes the figures as Markdown to this file (to refresh the README's "Reliability").)
+#: Also writes the figures as Markdown to this file (to refresh the README's "Reliability").
 REPORT_FILE_ENV = "MAIL2BLOB_RELIABILITY_REPORT"
 
 
