@@ -54,7 +54,7 @@ bench: deps
 	@$(PY) -m bench.drain_bench --messages $(BENCH_MESSAGES)
 
 reliability: deps
-	@$(PY) -m pytest -q tests/reliability -p no:cacheprovider
+	@MAIL2BLOB_RELIABILITY_LAST_LINE=1 $(PY) -m pytest -q tests/reliability -p no:cacheprovider
 
 devstack-up: deps
 	@scripts/devstack up

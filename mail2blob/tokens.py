@@ -26,9 +26,10 @@ CACHE_CONTENT_TYPE = "application/vnd.mail2blob.msal-token-cache+json"
 #: Reconnect with a fresh token when the current one has less than this left.
 REFRESH_MARGIN_S = 300
 #: Tries at a token when the identity platform throttles, fails or does not answer; the waits
-#: between them double from TOKEN_BACKOFF_S.
+#: between them double from TOKEN_BACKOFF_S. MSAL itself replays a 429/5xx answer for its
+#: Retry-After, or 5 s without one, so a shorter first wait would only meet that replay.
 TOKEN_ATTEMPTS = 3
-TOKEN_BACKOFF_S = 1.0
+TOKEN_BACKOFF_S = 6.0
 
 
 class TokenStore(Protocol):
@@ -168,16 +169,7 @@ class MailboxTokens:
     def access_token(self, *, force_refresh: bool = False) -> AccessToken:
         """A valid access token; rotates and saves the refresh token when one is redeemed.
         Transient failures of the identity platform are tried again, with backoff."""
-        for attempt in range(1, TOKEN_ATTEMPTS + 1):
-            try:
-                return self._access_token(force_refresh=force_refresh)
-            except TokenError as exc:
-                if not exc.transient or attempt == TOKEN_ATTEMPTS:
-                    raise
-                delay = TOKEN_BACKOFF_S * 2 ** (attempt - 1)
-                logger.warning("%s; trying again in %.0f s", exc, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        return with_transient_retries(lambda: self._access_token(force_refresh=force_refresh))
 
     def _access_token(self, *, force_refresh: bool) -> AccessToken:
         with self._lock:
@@ -272,9 +264,13 @@ class AppTokens:
         self._lock = threading.Lock()
 
     def access_token(self, *, force_refresh: bool = False) -> AccessToken:
+        """An app-only token; transient failures are tried again, with backoff."""
+        return with_transient_retries(lambda: self._access_token(force_refresh=force_refresh))
+
+    def _access_token(self, *, force_refresh: bool) -> AccessToken:
         with self._lock:
             if self._app is None:
-                self._app = self._app_factory()
+                self._app = _msal_app(self._app_factory)
                 if not isinstance(self._app, msal.ConfidentialClientApplication):
                     raise TokenError(
                         "app-only access needs a confidential client: set "
@@ -286,7 +282,12 @@ class AppTokens:
                 result = self._app.acquire_token_for_client(self._scopes)
             except OSError as exc:
                 raise TokenError(
-                    f"the identity platform could not be reached ({type(exc).__name__})"
+                    f"the identity platform could not be reached ({type(exc).__name__})",
+                    error="unreachable",
+                ) from None
+            except msal.exceptions.MsalServiceError as exc:  # MSAL raises for HTTP 5xx
+                raise TokenError(
+                    f"the identity platform failed ({exc})", error="server_error"
                 ) from None
         if "access_token" in result:
             expires_in = float(result.get("expires_in") or 0)
@@ -302,6 +303,21 @@ class AppTokens:
             consent_hint="An admin grants consent for IMAP.AccessAsApp (Office 365 Exchange "
             "Online) on the app registration.",
         )
+
+
+def with_transient_retries(get: Callable[[], AccessToken]) -> AccessToken:
+    """``get()``, tried again with backoff while it fails with a transient ``TokenError``
+    (unreachable, throttled, server error)."""
+    for attempt in range(1, TOKEN_ATTEMPTS + 1):
+        try:
+            return get()
+        except TokenError as exc:
+            if not exc.transient or attempt == TOKEN_ATTEMPTS:
+                raise
+            delay = TOKEN_BACKOFF_S * 2 ** (attempt - 1)
+            logger.warning("%s; trying again in %.0f s", exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def _msal_app(factory: Callable[[], msal.ClientApplication]) -> msal.ClientApplication:

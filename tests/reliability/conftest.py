@@ -15,6 +15,8 @@ from tests.reliability.proxy import Proxy, client_context, server_context
 
 #: Also writes the figures as Markdown to this file (to refresh the README's "Reliability").
 REPORT_FILE_ENV = "MAIL2BLOB_RELIABILITY_REPORT"
+#: Set by `make reliability`: print the machine-readable line as the output's very last line.
+LAST_LINE_ENV = "MAIL2BLOB_RELIABILITY_LAST_LINE"
 
 
 class Proxies:
@@ -153,13 +155,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     terminalreporter.section("reliability figures")
     for line in report.table(rows):
         terminalreporter.write_line(line)
+    if not os.environ.get(LAST_LINE_ENV):
+        # Inside the whole suite (make test) pytest's own closing line stays the last one.
+        terminalreporter.write_line(report.machine_line(rows))
     target = os.environ.get(REPORT_FILE_ENV)
     if target:
         Path(target).write_text("\n".join(report.table(rows)) + "\n\n" + report.machine_line())
 
 
 def pytest_unconfigure(config) -> None:
-    # After pytest's own "N passed in S s" line, so the figures are the output's last line.
+    # `make reliability`: after pytest's own "N passed in S s" line, so the figures are the
+    # output's last line.
     rows = report.rows()
-    if rows:
+    if rows and os.environ.get(LAST_LINE_ENV):
         config.get_terminal_writer().line(report.machine_line(rows))
