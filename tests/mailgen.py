@@ -36,7 +36,8 @@ def make_message(
     msg["From"] = f"{name} <{address}>"
     msg["To"] = "archive@contoso.example"
     msg["Subject"] = rng.choice(_SUBJECTS).format(n=n)
-    when = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=rng.randrange(0, 480_000))
+    # Spread over Jan-Jul 2026: in the past, so servers keep it as INTERNALDATE.
+    when = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=rng.randrange(0, 300_000))
     msg["Date"] = format_datetime(when)
     msg["Message-ID"] = f"<m{n}.{rng.randrange(10**9)}@mail2blob.test>"
     words = max(size_kb * 1024 // 7 // (2 if attachment else 1), 20)
