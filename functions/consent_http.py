@@ -108,13 +108,9 @@ def consent_start(req: func.HttpRequest) -> func.HttpResponse:
     mailbox = (req.params.get("mailbox") or "").strip()[:256] or None
     try:
         chosen = consent.for_source(settings, source_id=source_id, mailbox=mailbox)
+        started = chosen.start(redirect_uri, login_hint=login_hint or mailbox)
     except SettingsError as exc:  # unknown or ambiguous ?source= / ?mailbox=
         return _problem("Unknown mailbox", "; ".join(exc.problems), 400)
-    except Mail2BlobError as exc:
-        logger.error("consent could not start: %s", exc)
-        return _problem("Consent is unavailable right now", f"{exc}. Try again in a minute.", 503)
-    try:
-        started = chosen.start(redirect_uri, login_hint=login_hint or mailbox)
     except Mail2BlobError as exc:
         logger.error("consent could not start: %s", exc)
         return _problem("Consent is unavailable right now", f"{exc}. Try again in a minute.", 503)

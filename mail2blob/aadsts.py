@@ -161,7 +161,12 @@ def extract_code(result: dict | None) -> str | None:
     codes = result.get("error_codes")
     if isinstance(codes, list) and codes:
         return f"AADSTS{codes[0]}"
-    match = _CODE.search(str(result.get("error_description", "")))
+    return code_in(str(result.get("error_description", "")))
+
+
+def code_in(text: str) -> str | None:
+    """The first AADSTS code in ``text`` (an error message), if any."""
+    match = _CODE.search(text)
     return match.group(0) if match else None
 
 

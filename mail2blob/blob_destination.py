@@ -19,12 +19,12 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Coroutine
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Any, TypeVar
 
-from .errors import DestinationError
+from .errors import DestinationError, azure_reason
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +32,8 @@ CONTENT_TYPE = "message/rfc822"
 #: Prefix of mail2blob's own state (checkpoints, leases, consent flows) inside the container.
 STATE_PREFIX = ".mail2blob/"
 _METADATA_VALUE_MAX = 1024
-#: Uploads in flight by default: on the event loop (async client), or threads (sync client only;
-#: requests keeps 10 connections per host, and more threads mostly wait for the GIL).
-ASYNC_IN_FLIGHT = 32
-UPLOAD_THREADS = 8
+#: Uploads in flight on a run's event loop (measured: README "Performance").
+IN_FLIGHT = 32
 _UNSAFE_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f\\%#?]")
 _FOLDING = re.compile(r"\r?\n[ \t]*")
 
@@ -139,22 +137,19 @@ def _header_block(body: bytes, limit: int = 256 * 1024) -> bytes:
 
 
 class BlobDestination:
-    """Writes messages into ``container`` (an ``azure.storage.blob.ContainerClient``).
+    """Writes messages into the archive container.
 
-    ``async_container`` makes the same container as an ``azure.storage.blob.aio`` client; with
-    it, a drain's uploads run on an event loop (``uploads()``) instead of in threads."""
+    ``container`` is an ``azure.storage.blob.ContainerClient`` (the container itself);
+    ``async_container`` makes the same container as an ``azure.storage.blob.aio`` client, on the
+    event loop of a run's uploads (``uploads()``)."""
 
-    def __init__(self, container: Any, *, async_container: Callable[[], Any] | None = None) -> None:
+    def __init__(self, container: Any, *, async_container: Callable[[], Any]) -> None:
         self.container = container
         self._async_container = async_container
-        self.writes = 0  # write operations issued (PUTs), for the benchmark
 
-    def uploads(self, concurrency: int | None = None) -> Uploads:
-        """Concurrent uploads for one run, ``concurrency`` in flight (default
-        ``ASYNC_IN_FLIGHT`` on the event loop, ``UPLOAD_THREADS`` threads without one)."""
-        if self._async_container is not None:
-            return AsyncUploads(self, self._async_container, concurrency or ASYNC_IN_FLIGHT)
-        return ThreadUploads(self, concurrency or UPLOAD_THREADS)
+    def uploads(self, in_flight: int | None = None) -> Uploads:
+        """Concurrent uploads for one run, ``in_flight`` at a time (default ``IN_FLIGHT``)."""
+        return Uploads(self._async_container, in_flight or IN_FLIGHT)
 
     def ensure_container(self) -> None:
         from azure.core.exceptions import AzureError, ResourceExistsError
@@ -166,84 +161,23 @@ class BlobDestination:
         except AzureError as exc:
             raise DestinationError(
                 f"cannot reach or create container {self.container.container_name!r}: "
-                f"{_reason(exc)}"
+                f"{azure_reason(exc)}"
             ) from None
-
-    def store(
-        self, name: str, data: bytes | IO[bytes], *, length: int, metadata: dict[str, str]
-    ) -> StoredBlob:
-        """Store one message; ``ALREADY_PRESENT`` when a blob of that name exists."""
-        from azure.core.exceptions import ResourceExistsError
-
-        try:
-            self.writes += 1
-            self.container.upload_blob(name, data, length=length, **_upload_options(metadata))
-        except ResourceExistsError:
-            return StoredBlob(name, Outcome.ALREADY_PRESENT, length)
-        return StoredBlob(name, Outcome.STORED, length)
-
-
-def _upload_options(metadata: dict[str, str]) -> dict[str, Any]:
-    """One conditional PUT (or staged blocks) with the metadata and content type in it."""
-    from azure.storage.blob import ContentSettings
-
-    return {
-        "overwrite": False,
-        "metadata": metadata,
-        "content_settings": ContentSettings(content_type=CONTENT_TYPE),
-    }
-
-
-class Uploads:
-    """A run's concurrent uploads: ``submit`` returns at once; leaving the ``with`` block waits
-    for everything submitted, like a thread pool's shutdown."""
-
-    def submit(
-        self, name: str, data: bytes | IO[bytes], *, length: int, metadata: dict[str, str]
-    ) -> Future[StoredBlob]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Uploads:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class ThreadUploads(Uploads):
-    """The sync client from a pool of threads."""
-
-    def __init__(self, destination: BlobDestination, threads: int) -> None:
-        self._destination = destination
-        self._pool = ThreadPoolExecutor(threads, "upload")
-
-    def submit(
-        self, name: str, data: bytes | IO[bytes], *, length: int, metadata: dict[str, str]
-    ) -> Future[StoredBlob]:
-        store = self._destination.store
-        return self._pool.submit(store, name, data, length=length, metadata=metadata)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
 
 
 _T = TypeVar("_T")
 
 
-class AsyncUploads(Uploads):
-    """``azure.storage.blob.aio`` on an event loop in one background thread. Per message it costs
-    a quarter less client CPU than the sync client from threads, and it does not fight the IMAP
-    reader for the GIL: the drain keeps up with the storage (README "Performance")."""
+class Uploads:
+    """A run's uploads: ``azure.storage.blob.aio`` on an event loop in one background thread.
+    ``submit`` returns a future at once; leaving the ``with`` block waits for everything
+    submitted, like a thread pool's shutdown. Per message this costs a quarter less client CPU
+    than the sync client from threads, and it does not fight the IMAP reader for the GIL: the
+    drain keeps up with the storage (README "Performance")."""
 
-    def __init__(
-        self, destination: BlobDestination, make_container: Callable[[], Any], in_flight: int
-    ) -> None:
+    def __init__(self, make_container: Callable[[], Any], in_flight: int) -> None:
         import asyncio
 
-        self._destination = destination
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="uploads", daemon=True)
         self._thread.start()
@@ -269,6 +203,8 @@ class AsyncUploads(Uploads):
     def submit(
         self, name: str, data: bytes | IO[bytes], *, length: int, metadata: dict[str, str]
     ) -> Future[StoredBlob]:
+        """Store one message; its future answers ``ALREADY_PRESENT`` when a blob of that name
+        exists (the conditional PUT failed), or raises the upload's error."""
         import asyncio
 
         coroutine = self._store(name, data, length, metadata)
@@ -281,12 +217,18 @@ class AsyncUploads(Uploads):
         self, name: str, data: bytes | IO[bytes], length: int, metadata: dict[str, str]
     ) -> StoredBlob:
         from azure.core.exceptions import ResourceExistsError
+        from azure.storage.blob import ContentSettings
 
         async with self._gate:
-            self._destination.writes += 1
             try:
+                # One conditional PUT (or staged blocks) with the metadata and content type in it.
                 await self._container.upload_blob(
-                    name, data, length=length, **_upload_options(metadata)
+                    name,
+                    data,
+                    length=length,
+                    overwrite=False,
+                    metadata=metadata,
+                    content_settings=ContentSettings(content_type=CONTENT_TYPE),
                 )
             except ResourceExistsError:
                 return StoredBlob(name, Outcome.ALREADY_PRESENT, length)
@@ -305,12 +247,12 @@ class AsyncUploads(Uploads):
         self._thread.join()
         self._loop.close()
 
+    def __enter__(self) -> Uploads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _reason(exc: Exception) -> str:
-    code = getattr(exc, "error_code", None) or type(exc).__name__
-    status = getattr(exc, "status_code", None)
-    return f"{code} (HTTP {status})" if status else f"{code}: {exc}"

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .blob_destination import STATE_PREFIX
-from .errors import DestinationError, DrainBusyError
+from .errors import DestinationError, DrainBusyError, azure_reason
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ class FolderState:
 @dataclass
 class MailboxState:
     folders: dict[str, FolderState] = field(default_factory=dict)
-    last_run: dict[str, Any] | None = None
 
     def folder(self, name: str) -> FolderState:
         return self.folders.setdefault(name, FolderState())
@@ -45,7 +44,6 @@ class MailboxState:
             {
                 "version": 1,
                 "folders": {n: asdict(s) for n, s in self.folders.items()},
-                "last_run": self.last_run,
             },
             indent=1,
             sort_keys=True,
@@ -62,7 +60,7 @@ class MailboxState:
             )
             for name, f in raw.get("folders", {}).items()
         }
-        return cls(folders=folders, last_run=raw.get("last_run"))
+        return cls(folders=folders)
 
 
 def _mailbox_key(mailbox: str) -> str:
@@ -75,7 +73,6 @@ class CheckpointStore:
     def __init__(self, container: Any, mailbox: str) -> None:
         self._container = container
         self.blob_name = f"{STATE_PREFIX}state/{_mailbox_key(mailbox)}.json"
-        self.writes = 0
 
     def load(self) -> MailboxState:
         from azure.core.exceptions import AzureError, ResourceNotFoundError
@@ -85,7 +82,9 @@ class CheckpointStore:
         except ResourceNotFoundError:
             return MailboxState()
         except AzureError as exc:
-            raise DestinationError(f"cannot read checkpoint {self.blob_name}: {exc}") from None
+            raise DestinationError(
+                f"cannot read checkpoint {self.blob_name}: {azure_reason(exc)}"
+            ) from None
         try:
             return MailboxState.from_json(data.decode("utf-8"))
         except (ValueError, TypeError, AttributeError) as exc:
@@ -100,7 +99,6 @@ class CheckpointStore:
         from azure.storage.blob import ContentSettings
 
         try:
-            self.writes += 1
             self._container.upload_blob(
                 self.blob_name,
                 state.to_json().encode("utf-8"),
@@ -108,7 +106,9 @@ class CheckpointStore:
                 content_settings=ContentSettings(content_type="application/json"),
             )
         except AzureError as exc:
-            raise DestinationError(f"cannot write checkpoint {self.blob_name}: {exc}") from None
+            raise DestinationError(
+                f"cannot write checkpoint {self.blob_name}: {azure_reason(exc)}"
+            ) from None
 
 
 class MailboxLease:
@@ -136,11 +136,11 @@ class MailboxLease:
             blob.upload_blob(b"", overwrite=False)
         except ResourceExistsError:
             pass
-        except HttpResponseError as exc:
-            if exc.status_code != 412:  # leased and being written: exists
-                raise DestinationError(f"cannot create lock {self.blob_name}: {exc}") from None
         except AzureError as exc:
-            raise DestinationError(f"cannot create lock {self.blob_name}: {exc}") from None
+            if getattr(exc, "status_code", None) != 412:  # 412: leased, so it exists
+                raise DestinationError(
+                    f"cannot create lock {self.blob_name}: {azure_reason(exc)}"
+                ) from None
         try:
             self._lease = blob.acquire_lease(lease_duration=LEASE_SECONDS)
         except HttpResponseError as exc:
@@ -150,9 +150,9 @@ class MailboxLease:
                     f"this run did nothing. A crashed run's lease expires within "
                     f"{LEASE_SECONDS} s."
                 ) from None
-            raise DestinationError(f"cannot lease {self.blob_name}: {exc}") from None
+            raise DestinationError(f"cannot lease {self.blob_name}: {azure_reason(exc)}") from None
         except AzureError as exc:
-            raise DestinationError(f"cannot lease {self.blob_name}: {exc}") from None
+            raise DestinationError(f"cannot lease {self.blob_name}: {azure_reason(exc)}") from None
         self._renewed_at = time.monotonic()
         self._thread = threading.Thread(target=self._renew_loop, name="lease-renew", daemon=True)
         self._thread.start()

@@ -8,16 +8,12 @@ Heavy SDK imports happen here, on first use, not at import time (Functions cold 
 from __future__ import annotations
 
 import functools
-import logging
 import os
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
 from .settings import Settings
 from .tls import ca_bundle_path, ssl_context
-
-logger = logging.getLogger(__name__)
 
 #: Key Vault DNS suffixes of the Azure clouds. For these the SDK verifies that the challenge's
 #: resource matches the vault's domain; other hosts (a private DNS name, the local stack) cannot
@@ -133,15 +129,15 @@ def _aiohttp_transport(cafile: str) -> Any:
     return AioHttpTransport(session=session, session_owner=True)
 
 
-def async_container_factory(settings: Settings) -> Callable[[], Any] | None:
-    """Makes the archive container as an ``azure.storage.blob.aio`` client, for the drain's
-    uploads; ``None`` without aiohttp (the drain then uploads from threads, more slowly)."""
-    try:
-        import aiohttp  # noqa: F401
-    except ImportError:
-        logger.warning("aiohttp is not installed: uploading from threads, which is slower")
-        return None
-    return functools.partial(container_client, settings, aio=True)
+def blob_destination(settings: Settings) -> Any:
+    """The archive container as the drain's destination: the sync client for its small state
+    blobs, the ``aio`` one (made on the uploads' event loop) for the messages."""
+    from .blob_destination import BlobDestination
+
+    return BlobDestination(
+        container_client(settings),
+        async_container=functools.partial(container_client, settings, aio=True),
+    )
 
 
 class AsyncCredential:

@@ -45,10 +45,11 @@ from .errors import (
     SourceError,
     TokenError,
     TokenStoreError,
+    azure_reason,
 )
 from .imap_source import login_refused_message
 from .settings import IMAP_SCOPE, Settings
-from .tokens import AccessToken, TokenStore, build_msal_app
+from .tokens import AccessToken, TokenStore, build_msal_app, msal_app
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class BlobFlowStore:
                 self._create_container()
                 upload()
         except AzureError as exc:
-            raise DestinationError(f"cannot store the consent flow: {_azure_reason(exc)}") from None
+            raise DestinationError(f"cannot store the consent flow: {azure_reason(exc)}") from None
 
     def _create_container(self) -> None:
         from azure.core.exceptions import ResourceExistsError
@@ -269,7 +270,7 @@ class BlobFlowStore:
         except ResourceNotFoundError:
             return None
         except AzureError as exc:
-            raise DestinationError(f"cannot read the consent flow: {_azure_reason(exc)}") from None
+            raise DestinationError(f"cannot read the consent flow: {azure_reason(exc)}") from None
         try:
             record = json.loads(data.decode("utf-8"))
         except ValueError:
@@ -293,7 +294,7 @@ class BlobFlowStore:
             if getattr(exc, "status_code", None) == 412:
                 return False
             raise DestinationError(
-                f"cannot consume the consent flow: {_azure_reason(exc)}"
+                f"cannot consume the consent flow: {azure_reason(exc)}"
             ) from None
         return True
 
@@ -312,14 +313,8 @@ class BlobFlowStore:
                     self._container.delete_blob(blob.name)
                     removed += 1
         except AzureError as exc:
-            logger.info("consent: sweeping expired flows failed (%s)", _azure_reason(exc))
+            logger.info("consent: sweeping expired flows failed (%s)", azure_reason(exc))
         return removed
-
-
-def _azure_reason(exc: Exception) -> str:
-    code = getattr(exc, "error_code", None) or type(exc).__name__
-    status = getattr(exc, "status_code", None)
-    return f"{code} (HTTP {status})" if status else str(code)
 
 
 def _error_word(value: object) -> str:
@@ -407,14 +402,7 @@ class Consent:
         return Started(flow_id, auth_uri, redirect_uri, expires_at)
 
     def _build_app(self, cache: msal.SerializableTokenCache) -> msal.ClientApplication:
-        try:
-            return self._app_factory(cache)
-        except (OSError, ValueError, msal.exceptions.MsalError) as exc:
-            # Authority discovery failed: network, TLS, an error status, a bad authority.
-            raise TokenError(
-                f"the identity platform at {self.settings.authority} could not be reached "
-                f"({type(exc).__name__})"
-            ) from None
+        return msal_app(lambda: self._app_factory(cache))
 
     # -- finish ---------------------------------------------------------------------------------
 

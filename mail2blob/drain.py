@@ -14,6 +14,7 @@ is being fetched, so the IMAP connection stays busy.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import tempfile
@@ -35,7 +36,13 @@ from .blob_destination import (
     sha256_hex,
 )
 from .checkpoint import CheckpointStore, FolderState, MailboxLease, MailboxState
-from .errors import DestinationError, Mail2BlobError, SourceError, SourceThrottledError
+from .errors import (
+    DestinationError,
+    Mail2BlobError,
+    SourceError,
+    SourceThrottledError,
+    azure_reason,
+)
 from .imap_source import ImapSource, Message, SessionLostError
 from .settings import PostAction, Settings
 
@@ -55,7 +62,7 @@ class DrainOptions:
     #: Messages above this are fetched in pieces into a spool file, never held whole.
     large_message_bytes: int = 8 * 1024 * 1024
     chunk_bytes: int = 4 * 1024 * 1024
-    #: Uploads in flight; ``None``: the destination's default (32 on its event loop, 8 threads).
+    #: Uploads in flight; ``None``: the destination's default (``IN_FLIGHT``).
     upload_concurrency: int | None = None
     imap_attempts: int = 4
     max_backoff_s: float = 60.0
@@ -171,14 +178,13 @@ class Drain:
         itself: the result says what happened (``error``); settings/consent errors come earlier."""
         start = self._clock()
         self._deadline = start + self.options.time_budget_s
-        state: MailboxState | None = None
         try:
             # Token and login first: when consent is needed, nothing anywhere changes.
-            self._imap("", self.source.ensure_fresh, select=False)  # connect, with retries
+            self._imap("", self.source.ensure_connected, select=False)  # with retries
             self.destination.ensure_container()
             if self.lease:
                 self.lease.acquire()
-            state = self.checkpoint.load()
+            state = self.checkpoint.load()  # after the lease: nobody else writes it now
             if self.options.after.kind == "move":
                 self.source.ensure_folder(self.options.after.folder or "")
             with self.destination.uploads(self.options.upload_concurrency) as uploads:
@@ -195,8 +201,6 @@ class Drain:
             logger.error("drain of %s stopped: %s", self.mailbox, exc)
         finally:
             self.result.seconds = self._clock() - start
-            if state is not None:
-                self._save_last_run(state)
             self.source.close()
             if self.lease:
                 self.lease.release()
@@ -205,6 +209,7 @@ class Drain:
     def _drain_folder(self, folder: str, state: MailboxState, uploads: Uploads) -> None:
         info = self._imap(folder, lambda: self.source.select(folder), select=False)
         fstate = state.folder(folder)
+        loaded = copy.deepcopy(fstate)
         fresult = self.result.folders.setdefault(folder, FolderResult())
         if fstate.uidvalidity != info.uidvalidity:
             if fstate.uidvalidity:
@@ -228,6 +233,8 @@ class Drain:
             logger.info("%s/%s: failed message uid %s no longer exists", self.mailbox, folder, gone)
             del fstate.failed[gone]
         todo = sorted(set(new) | set(retry))
+        if not todo and state.folders.get(folder) != loaded:
+            self.checkpoint.save(state)  # a new UIDVALIDITY or pruned failures, with no batch
         sizes = self._imap(folder, lambda: self.source.sizes(todo)) if todo else {}
         logger.info("%s/%s: %d messages to drain", self.mailbox, folder, len(todo))
 
@@ -238,7 +245,9 @@ class Drain:
                 break
             if self.lease:
                 self.lease.check()
-            self._imap(folder, self.source.ensure_fresh)
+            if self.source.token_expiring:
+                logger.info("IMAP access token expires soon; reconnecting with a fresh one")
+                self._imap(folder, lambda: None, reconnect=False)
             batch = self._fetch_and_upload(folder, uids, sizes, uploads)
             if pending:
                 self._finish(pending, state)
@@ -347,7 +356,7 @@ class Drain:
             try:
                 blob = future.result()
             except Exception as exc:  # noqa: BLE001 - every failure is recorded with its reason
-                reason = _failure_reason(exc)
+                reason = azure_reason(exc)
                 entry = fstate.failed.get(str(uid), {"attempts": 0})
                 fstate.failed[str(uid)] = {"reason": reason, "attempts": entry["attempts"] + 1}
                 self.result.failed.append(FailedMessage(folder, uid, reason))
@@ -389,12 +398,20 @@ class Drain:
 
     # -- resilience -----------------------------------------------------------------------------
 
-    def _imap(self, folder: str, operation: Callable[[], Any], *, select: bool = True) -> Any:
+    def _imap(
+        self,
+        folder: str,
+        operation: Callable[[], Any],
+        *,
+        select: bool = True,
+        reconnect: bool | None = None,
+    ) -> Any:
         """Run an IMAP step, reconnecting after a lost session and backing off when throttled,
         within the attempts. A failed reconnect counts as an attempt and is retried too (a
-        restarting server refuses connections for a moment)."""
+        restarting server refuses connections for a moment). ``reconnect``: start with a new
+        session (``True``: with a freshly refreshed token); every reconnect re-selects
+        ``folder`` and checks its UIDVALIDITY."""
         attempt = 0
-        reconnect: bool | None = None  # None: connected; else reconnect (True: fresh token)
         while True:
             attempt += 1
             try:
@@ -441,16 +458,6 @@ class Drain:
             self.result.folders.setdefault(folder, FolderResult()).backlog = count
             self.result.backlog += count
 
-    def _save_last_run(self, state: MailboxState) -> None:
-        summary = self.result.to_dict()
-        summary["failed"] = len(self.result.failed)
-        summary.pop("folders", None)
-        state.last_run = summary
-        try:
-            self.checkpoint.save(state)
-        except DestinationError as exc:
-            logger.warning("could not record the run's result: %s", exc)
-
 
 class _HashingWriter:
     """Writes through to a file while hashing, so a spooled message gets its name on the fly."""
@@ -476,15 +483,6 @@ def _is_transport_error(exc: BaseException) -> bool:
     return isinstance(exc, ServiceRequestError | ServiceResponseError)
 
 
-def _failure_reason(exc: BaseException) -> str:
-    code = getattr(exc, "error_code", None)
-    code = getattr(code, "value", code)  # StorageErrorCode.INVALID_METADATA -> InvalidMetadata
-    status = getattr(exc, "status_code", None)
-    if code or status:
-        return f"{type(exc).__name__}: {code or ''} (HTTP {status})".replace(":  (", ": (")
-    return f"{type(exc).__name__}: {str(exc)[:300]}"
-
-
 def drain_mailbox(
     settings: Settings, *, progress: Progress | None = None, source: Source | None = None
 ) -> DrainResult:
@@ -496,15 +494,13 @@ def drain_mailbox(
 
     source = source or default_source(settings)
     settings = source.settings(settings)
-    container = clients.container_client(settings)
+    destination = clients.blob_destination(settings)
     drain = Drain(
         mailbox=settings.mailbox,
         source=clients.imap_source(settings),
-        destination=BlobDestination(
-            container, async_container=clients.async_container_factory(settings)
-        ),
-        checkpoint=CheckpointStore(container, source.state_key),
-        lease=MailboxLease(container, source.state_key),
+        destination=destination,
+        checkpoint=CheckpointStore(destination.container, source.state_key),
+        lease=MailboxLease(destination.container, source.state_key),
         options=DrainOptions(
             folders=settings.folders,
             after=settings.after,

@@ -11,6 +11,20 @@ class Mail2BlobError(Exception):
     """Base class of every failure mail2blob reports on purpose."""
 
 
+def azure_reason(exc: BaseException) -> str:
+    """Why an Azure SDK call failed, fit for a message: the service's error code and the HTTP
+    status (``InvalidMetadata (HTTP 400)``), never the request or response bodies; for a
+    transport failure its type and text."""
+    code = getattr(exc, "error_code", None)
+    code = getattr(code, "value", code)  # StorageErrorCode.INVALID_METADATA -> InvalidMetadata
+    status = getattr(exc, "status_code", None)
+    if status:
+        return f"{code or type(exc).__name__} (HTTP {status})"
+    if code:
+        return str(code)
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
 class SettingsError(Mail2BlobError):
     """One or more settings are missing or invalid; ``problems`` lists each one."""
 

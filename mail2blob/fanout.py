@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import aadsts
 from .blob_destination import STATE_PREFIX
 from .errors import ConsentNeededError, DrainBusyError, Mail2BlobError, SettingsError
 from .settings import Settings
@@ -52,8 +52,6 @@ POISON_EVENT = "MAIL2BLOB_DRAIN_POISONED"
 RUNS_PREFIX = f"{STATE_PREFIX}runs/"
 #: The Functions host's default when host.json does not set maxDequeueCount.
 HOST_DEFAULT_MAX_DEQUEUE_COUNT = 5
-
-_AADSTS = re.compile(r"AADSTS\d+")
 
 
 class DrainFailed(RuntimeError):
@@ -87,8 +85,7 @@ class SourceRun:
 
     @property
     def aadsts(self) -> str | None:
-        match = _AADSTS.search(self.result.error or "")
-        return match.group(0) if match else None
+        return aadsts.code_in(self.result.error or "")
 
     @property
     def reason(self) -> str:

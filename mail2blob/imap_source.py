@@ -74,7 +74,6 @@ class ImapSource:
         self._timeout = timeout
         self._client: Any = None
         self._token: AccessToken | None = None
-        self._selected: str | None = None
         self.capabilities: frozenset[bytes] = frozenset()
         self.reconnects = 0
 
@@ -134,30 +133,23 @@ class ImapSource:
             raise SourceError(f"IMAP login to {self.host} failed: {text}") from None
         self._client = client
         self._token = token
-        self._selected = None
         self.capabilities = frozenset(self._call(lambda c: c.capabilities(), "CAPABILITY"))
         logger.info("IMAP: logged in to %s as %s", self.host, self.mailbox)
 
-    def ensure_fresh(self) -> None:
-        """Reconnect with a new token when the current one expires within the margin."""
+    def ensure_connected(self) -> None:
         if self._client is None:
             self.connect()
-        elif self._token is not None and self._token.expires_within(REFRESH_MARGIN_S):
-            logger.info("IMAP: access token expires soon; reconnecting with a fresh one")
-            self.reconnect()
 
-    def reconnect(self) -> None:
-        folder = self._selected
-        self.reconnects += 1
-        self.connect()
-        if folder is not None:
-            self.select(folder)
+    @property
+    def token_expiring(self) -> bool:
+        """The session's access token expires within the margin: reconnect with a fresh one
+        before Exchange ends the session (``BYE ... AccessTokenExpired``)."""
+        return self._token is not None and self._token.expires_within(REFRESH_MARGIN_S)
 
     def close(self) -> None:
         if self._client is not None:
             _safe_logout(self._client)
         self._client = None
-        self._selected = None
 
     def __enter__(self) -> ImapSource:
         return self
@@ -169,7 +161,6 @@ class ImapSource:
 
     def select(self, folder: str) -> FolderInfo:
         info = self._call(lambda c: c.select_folder(folder, readonly=False), f"SELECT {folder}")
-        self._selected = folder
         return FolderInfo(folder, int(info[b"UIDVALIDITY"]), int(info.get(b"EXISTS", 0)))
 
     def uids_after(self, last_uid: int, criteria: Sequence[Any] = ()) -> list[int]:

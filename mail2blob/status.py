@@ -92,17 +92,15 @@ def source_status(
         status["token"] = dict(checks["app"])
     else:
         status["token"] = delegated_token_state(narrowed, record)
-    last_run: dict[str, Any] | None = None
     try:
         state = CheckpointStore(container, source.state_key).load()
         status["checkpoint"] = {
             name: {"uidvalidity": f.uidvalidity, "last_uid": f.last_uid, "failed": len(f.failed)}
             for name, f in state.folders.items()
         }
-        last_run = state.last_run
     except Mail2BlobError as exc:
         status["checkpoint"] = {"error": str(exc)}
-    last_run = record.get("last_run") or last_run
+    last_run = record.get("last_run")
     totals = record.get("totals") or {}
     status.update(
         last_run=last_run,

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import msal
 
 from . import aadsts
-from .errors import ConsentNeededError, TokenError, TokenStoreError
+from .errors import ConsentNeededError, TokenError, TokenStoreError, azure_reason
 from .settings import IMAP_APP_SCOPE, IMAP_SCOPE, Settings
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class KeyVaultTokenStore:
             return None
         except AzureError as exc:
             raise TokenStoreError(
-                f"could not read secret {self.secret_name!r} from Key Vault: {_azure_reason(exc)}"
+                f"could not read secret {self.secret_name!r} from Key Vault: {azure_reason(exc)}"
             ) from None
 
     def save(self, serialized: str) -> None:
@@ -76,15 +76,8 @@ class KeyVaultTokenStore:
             )
         except AzureError as exc:
             raise TokenStoreError(
-                f"could not write secret {self.secret_name!r} to Key Vault: {_azure_reason(exc)}"
+                f"could not write secret {self.secret_name!r} to Key Vault: {azure_reason(exc)}"
             ) from None
-
-
-def _azure_reason(exc: Exception) -> str:
-    """The error code and status of an Azure SDK error, never its request/response bodies."""
-    code = getattr(exc, "error_code", None) or type(exc).__name__
-    status = getattr(exc, "status_code", None)
-    return f"{code} (HTTP {status})" if status else str(code)
 
 
 @dataclass(frozen=True)
@@ -186,7 +179,7 @@ class MailboxTokens:
                     f"the stored token cache for {self._mailbox} is unreadable: consent again. "
                     f"{self._consent_hint}"
                 ) from None
-            app = _msal_app(lambda: self._app_factory(cache))
+            app = msal_app(lambda: self._app_factory(cache))
             account = self._pick_account(app)
             try:
                 result = app.acquire_token_silent_with_error(
@@ -270,7 +263,7 @@ class AppTokens:
     def _access_token(self, *, force_refresh: bool) -> AccessToken:
         with self._lock:
             if self._app is None:
-                self._app = _msal_app(self._app_factory)
+                self._app = msal_app(self._app_factory)
                 if not isinstance(self._app, msal.ConfidentialClientApplication):
                     raise TokenError(
                         "app-only access needs a confidential client: set "
@@ -320,7 +313,7 @@ def with_transient_retries(get: Callable[[], AccessToken]) -> AccessToken:
     raise AssertionError("unreachable")
 
 
-def _msal_app(factory: Callable[[], msal.ClientApplication]) -> msal.ClientApplication:
+def msal_app(factory: Callable[[], msal.ClientApplication]) -> msal.ClientApplication:
     """Build the MSAL application, whose constructor fetches the authority's discovery document:
     its failures become ``TokenError`` (transient ones marked so) instead of escaping raw."""
     try:

@@ -26,8 +26,6 @@ from tests.test_consent import consent_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET_NAME = "mail2blob-token-cache"
-_HIDDEN = re.compile(r'<input type="hidden" name="([^"]*)" value="([^"]*)">')
-_ACTION = re.compile(r'<form id="hiddenform" method="POST" name="hiddenform" action="([^"]*)"')
 
 
 class Command:
@@ -122,15 +120,7 @@ def browser() -> requests.Session:
 
 def sign_in(stack, authorize_url: str, user: str) -> tuple[str, dict[str, str]]:
     """Approve at the identity stand-in; the form_post page's target and fields."""
-    stack.identity.auto_approve(user)
-    try:
-        answer = stack.msal_session().get(authorize_url, allow_redirects=False, timeout=10)
-    finally:
-        stack.identity.interactive()
-    assert answer.status_code == 200, answer.text
-    action = html.unescape(_ACTION.search(answer.text).group(1))
-    fields = {html.unescape(k): html.unescape(v) for k, v in _HIDDEN.findall(answer.text)}
-    return action, fields
+    return stack.sign_in(authorize_url, user)
 
 
 def cached_account(stack) -> str | None:

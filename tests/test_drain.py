@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from mail2blob import clients
-from mail2blob.blob_destination import STATE_PREFIX, BlobDestination
+from mail2blob.blob_destination import STATE_PREFIX
 from mail2blob.checkpoint import CheckpointStore, MailboxLease
 from mail2blob.drain import Drain, DrainOptions, drain_mailbox
 from mail2blob.settings import Settings
@@ -21,12 +21,13 @@ from tests.stack import constants as c
 
 def build_drain(env: dict[str, str], **options) -> Drain:
     settings = Settings.from_env(env)
-    container = clients.container_client(settings)
+    destination = clients.blob_destination(settings)
+    container = destination.container
     opts = DrainOptions(folders=settings.folders, after=settings.after, **options)
     return Drain(
         mailbox=settings.mailbox,
         source=clients.imap_source(settings),
-        destination=BlobDestination(container),
+        destination=destination,
         checkpoint=CheckpointStore(container, settings.mailbox),
         lease=MailboxLease(container, settings.mailbox),
         options=opts,
@@ -317,3 +318,17 @@ def test_timer_function_runs_a_drain_against_the_stack(stack, fresh, monkeypatch
     poison = json.loads(out["poison"].value)
     assert poison["source"] == "default" and poison["message"]["source"] == "default"
     assert "SELECT INBOX/Missing failed" in poison["reason"]
+
+
+def test_new_uidvalidity_of_an_empty_folder_is_checkpointed(stack, fresh):
+    """With nothing to fetch there is no batch, yet the checkpoint must learn the folder's new
+    UIDVALIDITY (or every later run would warn of the change and start over)."""
+    stack.dovecot.append_many(make_messages(3, seed=15))
+    env = fresh | {"MAIL2BLOB_AFTER": "delete"}
+    assert drain_mailbox(Settings.from_env(env)).stored == 3
+    new = stack.dovecot.recreate_folder_with_new_uidvalidity("INBOX")
+
+    assert drain_mailbox(Settings.from_env(env)).ok
+    container = clients.container_client(Settings.from_env(env))
+    state = CheckpointStore(container, c.MAILBOX).load()
+    assert state.folders["INBOX"].uidvalidity == new

@@ -24,11 +24,16 @@ from tests.stack import constants as c
 SEED_REDIRECT_URI = "https://mail2blob.localtest/api/consent/callback"
 
 
-def form_post_fields(page: str) -> dict[str, str]:
-    """The hidden fields of a ``response_mode=form_post`` auto-submit page, as a browser posts
-    them."""
-    fields = re.findall(r'<input type="hidden" name="([^"]*)" value="([^"]*)"', page)
-    return {unescape(name): unescape(value) for name, value in fields}
+_HIDDEN = re.compile(r'<input type="hidden" name="([^"]*)" value="([^"]*)"')
+_ACTION = re.compile(r'<form id="hiddenform" method="POST" name="hiddenform" action="([^"]*)"')
+
+
+def form_post(page: str) -> tuple[str, dict[str, str]]:
+    """Where a ``response_mode=form_post`` auto-submit page posts, and the fields it posts, as a
+    browser would."""
+    action = _ACTION.search(page)
+    fields = {unescape(name): unescape(value) for name, value in _HIDDEN.findall(page)}
+    return (unescape(action.group(1)) if action else ""), fields
 
 
 @dataclass
@@ -80,6 +85,22 @@ class Stack:
         session.verify = str(self.ca.ca_cert_path)
         return session
 
+    def sign_in(
+        self, authorize_url: str, user: str | None = c.MAILBOX
+    ) -> tuple[str, dict[str, str]]:
+        """Play the browser at the identity stand-in's authorize URL: approve as ``user``
+        (``None``: refuse). Returns the form_post page's target and fields."""
+        if user is None:
+            self.identity.auto_refuse()
+        else:
+            self.identity.auto_approve(user)
+        try:
+            answer = self.msal_session().get(authorize_url, allow_redirects=False, timeout=10)
+        finally:
+            self.identity.interactive()
+        assert answer.status_code == 200, answer.text
+        return form_post(answer.text)
+
     def consent(
         self, user: str = c.MAILBOX, *, secret_name: str = "mail2blob-token-cache"
     ) -> msal.SerializableTokenCache:
@@ -104,12 +125,7 @@ class Stack:
         flow = app.initiate_auth_code_flow(
             [c.IMAP_SCOPE], redirect_uri=SEED_REDIRECT_URI, response_mode="form_post"
         )
-        self.identity.auto_approve(user)
-        try:
-            answer = session.get(flow["auth_uri"], allow_redirects=False, timeout=10)
-        finally:
-            self.identity.interactive()
-        params = form_post_fields(answer.text)
+        _, params = self.sign_in(flow["auth_uri"], user)
         result = app.acquire_token_by_auth_code_flow(flow, params)
         assert "access_token" in result, result.get("error_description")
         for key, value in self.azure_env().items():
