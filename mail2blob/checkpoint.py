@@ -165,7 +165,7 @@ class MailboxLease:
                 self._renewed_at = time.monotonic()
                 self._lost = None
             except Exception as exc:  # noqa: BLE001 - recorded and raised by check()
-                logger.warning("lease renewal for %s failed: %s", self._mailbox, exc)
+                logger.warning("lease renewal for %s failed: %s", self._mailbox, azure_reason(exc))
                 self._lost = type(exc).__name__
 
     def check(self) -> None:

@@ -6,6 +6,8 @@ to do. None of them ever carries a token, a code or a secret.
 
 from __future__ import annotations
 
+import re
+
 
 class Mail2BlobError(Exception):
     """Base class of every failure mail2blob reports on purpose."""
@@ -22,7 +24,13 @@ def azure_reason(exc: BaseException) -> str:
         return f"{code or type(exc).__name__} (HTTP {status})"
     if code:
         return str(code)
-    return f"{type(exc).__name__}: {str(exc)[:300]}"
+    # Transport errors quote the URL ("Max retries exceeded with url: /c/b?...&sig=..."): a SAS
+    # signature in its query must not reach a log line or the checkpoint.
+    text = _URL_QUERY.sub("?<query removed>", str(exc))
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+_URL_QUERY = re.compile(r"\?[^\s'\")]*")
 
 
 class SettingsError(Mail2BlobError):

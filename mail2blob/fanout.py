@@ -33,7 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 from . import aadsts
 from .blob_destination import STATE_PREFIX
-from .errors import ConsentNeededError, DrainBusyError, Mail2BlobError, SettingsError
+from .errors import (
+    ConsentNeededError,
+    DrainBusyError,
+    Mail2BlobError,
+    SettingsError,
+    azure_reason,
+)
 from .settings import Settings
 from .sources import Source, SourceSet, load_sources
 
@@ -304,7 +310,7 @@ def handle_message(
             return None
         run = run_source(settings, source, container=container)
     except Exception as exc:  # settings, sources.json, storage, or a bug
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = azure_reason(exc)
         if not isinstance(exc, Mail2BlobError):
             logger.exception("drain of source %s crashed", source_id)
         return _retry_or_poison(source_id, reason, body, dequeue_count, max_dequeue_count)

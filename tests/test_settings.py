@@ -104,3 +104,21 @@ def test_setting_names_cover_every_field_read():
 
     read = {"MAIL2BLOB_" + n for n in re.findall(r'(?:get|required)\("([A-Z_]+)"', source)}
     assert read == set(SETTING_NAMES)
+
+
+def test_azure_reason_keeps_codes_and_drops_url_queries():
+    from azure.core.exceptions import HttpResponseError, ServiceRequestError
+
+    from mail2blob.errors import azure_reason
+
+    refused = ServiceRequestError(
+        "HTTPSConnectionPool(host='st.blob.core.windows.net', port=443): Max retries exceeded "
+        "with url: /mail/a.eml?sv=2024-01-01&sig=c2VjcmV0c2lnbmF0dXJl (Connection refused)"
+    )
+    text = azure_reason(refused)
+    assert "sig=" not in text and "c2VjcmV0" not in text
+    assert text.startswith("ServiceRequestError:") and "Connection refused" in text
+
+    rejected = HttpResponseError("body that must not be quoted")
+    rejected.status_code, rejected.error_code = 400, "InvalidMetadata"
+    assert azure_reason(rejected) == "InvalidMetadata (HTTP 400)"
